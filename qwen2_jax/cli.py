@@ -1,0 +1,62 @@
+"""The ``qwen2-jax`` command: each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int``. Bad input ends in one line on stderr and a non-zero exit,
+never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "demo": ("qwen2_jax.demo", "chat with a small random-weight Qwen2-MoE and the real Qwen tokenizer (no download)"),
+    "generate": ("qwen2_jax.cli_generate", "generate text from a prompt, streamed to stdout"),
+    "chat": ("qwen2_jax.cli_generate", "multi-turn terminal chat (/reset clears history; Ctrl-C stops an answer)"),
+    "convert": ("qwen2_jax.convert.cli", "convert a Hugging Face safetensors checkpoint to Orbax"),
+    "bench": ("qwen2_jax.bench", "benchmark the JAX port against transformers on the same weights"),
+}
+
+
+def enable_compilation_cache() -> str:
+    """JAX's persistent compilation cache in a per-user directory, so a second run starts without compiling."""
+    import jax
+
+    path = os.environ.get("QWEN2_JAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen2-jax", "jax-compilation-cache")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(name, p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .hf_files import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        if args.command != "convert":
+            enable_compilation_cache()
+        return int(module.run(args.command, args) or 0)
+    except (ConfigError, CheckpointError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:
+        print(f"qwen2-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Model configuration, read from a Hugging Face ``config.json`` (transformers 4.x or 5.x schema).
+
+Every field that changes the computation is kept; a field whose value we do not implement is refused with
+an error that names it, so a checkpoint never silently runs as a different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json this port cannot run exactly. The message names the field and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2MoeConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 3584
+    intermediate_size: int = 18944  # dense MLP layers only
+    moe_intermediate_size: int = 2560
+    shared_expert_intermediate_size: int = 20480
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    num_experts: int = 64
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    qkv_bias: bool = True
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    # RoPE: "default" or static "yarn" (the YaRN fields are unused for "default").
+    rope_theta: float = 1e6
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    original_max_position_embeddings: int = 32768
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0  # resolved from factor/mscale when the config leaves it out
+    rope_truncate: bool = True
+    router_aux_loss_coef: float = 0.001
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    # ---- derived structure -------------------------------------------------------------------------
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: True where HF builds a ``Qwen2MoeSparseMoeBlock``, False for a dense ``Qwen2MoeMLP``."""
+        return tuple(
+            i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+            for i in range(self.num_hidden_layers)
+        )
+
+    @property
+    def num_sparse_layers(self) -> int:
+        return sum(self.sparse_layers)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_hidden_layers - self.num_sparse_layers
+
+    def replace(self, **changes: Any) -> "Qwen2MoeConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- reading and writing -------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Qwen2MoeConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Qwen2MoeConfig":
+        model_type = raw.get("model_type")
+        if model_type != "qwen2_moe":
+            raise ConfigError(f"model_type is {model_type!r}; only 'qwen2_moe' is supported")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act is {act!r}; only 'silu' is supported")
+        if raw.get("use_sliding_window", False):
+            raise ConfigError("use_sliding_window is true; sliding-window attention is not supported")
+        layer_types = raw.get("layer_types")
+        if layer_types is not None:
+            other = sorted({t for t in layer_types if t != "full_attention"})
+            if other:
+                raise ConfigError(f"layer_types contains {other}; only 'full_attention' is supported")
+
+        fields: dict[str, Any] = {}
+        for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_experts", "num_experts_per_tok", "decoder_sparse_step", "max_position_embeddings",
+        ):
+            if name in raw and raw[name] is not None:
+                fields[name] = _int(raw, name)
+        fields["num_key_value_heads"] = _int(raw, "num_key_value_heads") if raw.get("num_key_value_heads") else fields.get(
+            "num_attention_heads", cls.num_attention_heads)
+        for name in ("norm_topk_prob", "qkv_bias", "tie_word_embeddings"):
+            if name in raw and raw[name] is not None:
+                fields[name] = bool(raw[name])
+        for name in ("rms_norm_eps", "router_aux_loss_coef"):
+            if name in raw and raw[name] is not None:
+                fields[name] = float(raw[name])
+        fields["mlp_only_layers"] = tuple(int(i) for i in (raw.get("mlp_only_layers") or ()))
+        hidden = fields.get("hidden_size", cls.hidden_size)
+        heads = fields.get("num_attention_heads", cls.num_attention_heads)
+        fields["head_dim"] = int(raw.get("head_dim") or hidden // heads)
+        for name in ("bos_token_id", "pad_token_id"):
+            if raw.get(name) is not None:
+                fields[name] = int(raw[name])
+        eos = raw.get("eos_token_id")
+        fields["eos_token_id"] = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        fields.update(_rope_fields(raw, fields.get("max_position_embeddings", cls.max_position_embeddings), fields["head_dim"]))
+        cfg = cls(**fields)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"decoder_sparse_step is {self.decoder_sparse_step}; it must be >= 1")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"mlp_only_layers {bad} outside [0, {self.num_hidden_layers})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A transformers-5 style config.json for this model (used when we write checkpoints ourselves)."""
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "yarn":
+            rope.update(factor=self.rope_factor, original_max_position_embeddings=self.original_max_position_embeddings,
+                        beta_fast=self.beta_fast, beta_slow=self.beta_slow, attention_factor=self.attention_factor,
+                        truncate=self.rope_truncate)
+        return {
+            "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "moe_intermediate_size": self.moe_intermediate_size,
+            "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+            "norm_topk_prob": self.norm_topk_prob, "decoder_sparse_step": self.decoder_sparse_step,
+            "mlp_only_layers": list(self.mlp_only_layers), "qkv_bias": self.qkv_bias,
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "rope_parameters": rope,
+            "router_aux_loss_coef": self.router_aux_loss_coef, "use_sliding_window": False,
+            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+        }
+
+
+def _int(raw: dict[str, Any], name: str) -> int:
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} is {value!r}; expected a non-negative integer")
+    return value
+
+
+def _rope_fields(raw: dict[str, Any], max_positions: int, head_dim: int) -> dict[str, Any]:
+    """RoPE settings from either schema: 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``."""
+    params = raw.get("rope_parameters")
+    if params is not None and any(isinstance(v, dict) for v in params.values()):
+        raise ConfigError("rope_parameters is nested per layer type; only one global RoPE is supported")
+    params = dict(params or raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"rope type {rope_type!r} is not supported (only 'default' and static 'yarn')")
+    if params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) not in (None, 1, 1.0):
+        raise ConfigError("partial_rotary_factor is not 1.0; partial rotary embeddings are not supported")
+    out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+    if rope_type == "yarn":
+        # Mirrors transformers' _compute_yarn_parameters (5.x) so that the frequencies are bit-for-bit the same.
+        original = int(raw.get("original_max_position_embeddings")
+                       or params.get("original_max_position_embeddings") or max_positions)
+        factor = params.get("factor")
+        factor = float(factor) if factor is not None else max_positions / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        out.update(
+            rope_factor=factor, original_max_position_embeddings=original,
+            beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+            attention_factor=float(attention_factor), rope_truncate=bool(params.get("truncate", True)),
+        )
+    return out
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
