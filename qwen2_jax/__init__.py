@@ -10,8 +10,9 @@ from .config import ConfigError, Qwen2MoeConfig
 from .hf_files import CheckpointError
 from .loading import from_pretrained
 from .model import Qwen2MoeForCausalLM, init_random
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "Qwen2MoeConfig", "Qwen2MoeForCausalLM", "from_pretrained",
-           "init_random", "__version__"]
+           "init_random", "load_tokenizer", "__version__"]

@@ -1,0 +1,75 @@
+"""Times each MoE dispatch implementation on one layer of the quarter config (64 experts, top-8, hidden 896,
+expert size 640) across token counts, and prints the markdown table kept in docs/moe-dispatch.md.
+
+    python scripts/bench_moe_dispatch.py [--dtype float32] [--tokens 1,8,64,512] [--repeats 20]
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2_jax import moe
+from qwen2_jax.config import Qwen2MoeConfig
+
+QUARTER = "../shared/configs/qwen2-57b-a14b-quarter.json"
+
+
+def time_fn(fn, args, repeats):
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=QUARTER)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512,2048")
+    ap.add_argument("--impls", default=",".join(moe.IMPLEMENTATIONS))
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    cfg = Qwen2MoeConfig.from_json(args.config)
+    dtype = jnp.dtype(args.dtype)
+    e, h, i, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    key = jax.random.split(jax.random.key(0), 4)
+    gate = (jax.random.normal(key[0], (e, h, i)) * 0.02).astype(dtype)
+    up = (jax.random.normal(key[1], (e, h, i)) * 0.02).astype(dtype)
+    down = (jax.random.normal(key[2], (e, i, h)) * 0.02).astype(dtype)
+    impls = args.impls.split(",")
+    rows = []
+    print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} dtype={args.dtype} "
+          f"E={e} top_k={k} H={h} I={i}")
+    print("| tokens | " + " | ".join(f"{m} (ms)" for m in impls) + " | fastest | auto picks |")
+    print("|---:|" + "---:|" * len(impls) + "---|---|")
+    for t in (int(s) for s in args.tokens.split(",")):
+        x = jax.random.normal(jax.random.fold_in(key[3], t), (t, h), dtype)
+        probs = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key[3], 100000 + t), (t, e)), -1)
+        w, idx = jax.lax.top_k(probs, k)
+        w = w.astype(dtype)
+        ms = {}
+        for m in impls:
+            if m == "gather" and 3 * t * k * h * i * dtype.itemsize > 2e9:
+                ms[m] = float("nan")  # it would materialise over 2 GB of gathered weights
+                continue
+            fn = jax.jit(lambda *a, m=m: moe.dispatch(*a, impl=m))
+            ms[m] = 1e3 * time_fn(fn, (x, w, idx, gate, up, down), args.repeats)
+        best = min((m for m in ms if ms[m] == ms[m]), key=ms.get)
+        auto = moe.choose(t, k, e)
+        rows.append({"tokens": t, **ms, "fastest": best, "auto": auto})
+        print(f"| {t} | " + " | ".join(f"{ms[m]:.2f}" for m in impls) + f" | {best} | {auto} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

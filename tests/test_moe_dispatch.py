@@ -1,0 +1,57 @@
+"""Every MoE dispatch implementation computes the same function as the dense reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen2_jax import moe
+
+
+def _inputs(tokens, experts=8, top_k=3, hidden=16, inner=8, seed=0, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(k[0], (tokens, hidden), dtype)
+    probs = jax.nn.softmax(jax.random.normal(k[1], (tokens, experts)) * 3)
+    weights, idx = jax.lax.top_k(probs, top_k)
+    w = [jax.random.normal(k[i], s, dtype) * 0.3 for i, s in
+         zip((2, 3, 4), ((experts, hidden, inner), (experts, hidden, inner), (experts, inner, hidden)))]
+    return x, weights.astype(dtype), idx, *w
+
+
+@pytest.mark.parametrize("impl", ["gather", "loop", "ragged"])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_implementation_equals_dense_reference(impl, tokens):
+    args = _inputs(tokens)
+    ref = moe.dispatch(*args, impl="dense")
+    out = jax.jit(lambda *a: moe.dispatch(*a, impl=impl))(*args)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_loop_skips_unused_experts_but_counts_repeated_ones():
+    x, weights, _, g, u, d = _inputs(4, experts=8, top_k=2)
+    idx = jnp.array([[3, 5], [3, 5], [5, 3], [3, 5]], jnp.int32)  # only experts 3 and 5 are used
+    np.testing.assert_allclose(np.asarray(moe.loop(x, weights, idx, g, u, d)),
+                               np.asarray(moe.dense(x, weights, idx, g, u, d)), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_dispatch_stays_close_to_float32():
+    args32 = _inputs(16)
+    args16 = [a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args32]
+    ref = np.asarray(moe.dispatch(*args32, impl="dense"))
+    for impl in moe.IMPLEMENTATIONS:
+        out = moe.dispatch(*args16, impl=impl)
+        assert out.dtype == jnp.bfloat16
+        assert np.abs(np.asarray(out, np.float32) - ref).max() <= 0.05 * np.abs(ref).max(), impl
+
+
+def test_auto_choice_by_backend_and_token_count():
+    assert moe.choose(1, 8, 64, "cpu") == "gather"
+    assert moe.choose(8, 8, 64, "cpu") == "loop"
+    assert moe.choose(512, 8, 64, "cpu") == "dense"
+    assert moe.choose(1, 8, 64, "gpu") == "gather"
+    assert moe.choose(2048, 8, 64, "gpu") == "ragged"
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
+        moe.dispatch(*_inputs(2), impl="fast")
