@@ -177,6 +177,24 @@ class Qwen2MoeConfig:
         }
 
 
+EMBEDDED = {
+    "qwen2-57b-a14b-instruct": "qwen2-57b-a14b-instruct.json",  # the real model's config.json (4.x schema)
+    "qwen2-57b-a14b-quarter": "qwen2-57b-a14b-quarter.json",  # the fixed CPU benchmark config (1.15 B params)
+}
+
+
+def embedded_config_path(name: str) -> str:
+    """Path of a config shipped with the package (see qwen2_jax/configs/)."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"no embedded config {name!r}; known: {sorted(EMBEDDED)}")
+    return os.path.join(os.path.dirname(__file__), "configs", EMBEDDED[name])
+
+
+def load_config(name_or_path: str) -> Qwen2MoeConfig:
+    """An embedded config by name, or a config.json (or its directory) by path."""
+    return Qwen2MoeConfig.from_json(embedded_config_path(name_or_path) if name_or_path in EMBEDDED else name_or_path)
+
+
 def _int(raw: dict[str, Any], name: str) -> int:
     value = raw[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

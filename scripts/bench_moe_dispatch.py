@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax import moe
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.config import load_config
 
-QUARTER = "../shared/configs/qwen2-57b-a14b-quarter.json"
+QUARTER = "qwen2-57b-a14b-quarter"  # embedded; a path to a config.json works too
 
 
 def time_fn(fn, args, repeats):
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cfg = Qwen2MoeConfig.from_json(args.config)
+    cfg = load_config(args.config)
     dtype = jnp.dtype(args.dtype)
     e, h, i, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     key = jax.random.split(jax.random.key(0), 4)

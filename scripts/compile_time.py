@@ -1,0 +1,60 @@
+"""Compile time of the jitted forward for the quarter config at several depths (layers are scanned, so compile
+time should not grow with depth). Nothing is allocated: the forward is lowered on abstract parameters.
+
+    python scripts/compile_time.py [--layers 7,28] [--seq 128]
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen2_jax.config import load_config
+from qwen2_jax.model import abstract_model
+
+QUARTER = "qwen2-57b-a14b-quarter"  # embedded; a path to a config.json works too
+
+
+def compile_seconds(cfg, batch, seq, dtype):
+    graphdef, params = nnx.split(abstract_model(cfg, dtype=dtype))
+
+    @jax.jit
+    def forward(params, ids):
+        return nnx.merge(graphdef, params)(ids)
+
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    t0 = time.perf_counter()
+    lowered = forward.lower(params, ids)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=QUARTER)
+    ap.add_argument("--layers", default="7,28")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--decoder-sparse-step", type=int, default=None, help="mix dense and sparse layers")
+    args = ap.parse_args()
+    base = load_config(args.config)
+    if args.decoder_sparse_step:
+        base = base.replace(decoder_sparse_step=args.decoder_sparse_step)
+    print(f"backend={jax.default_backend()} jax={jax.__version__} batch={args.batch} seq={args.seq} dtype={args.dtype} decoder_sparse_step={base.decoder_sparse_step}")
+    print("| layers | trace+lower (s) | compile (s) | total (s) |\n|---:|---:|---:|---:|")
+    totals = {}
+    for n in (int(s) for s in args.layers.split(",")):
+        lower, comp = compile_seconds(base.replace(num_hidden_layers=n), args.batch, args.seq, jnp.dtype(args.dtype))
+        totals[n] = lower + comp
+        print(f"| {n} | {lower:.2f} | {comp:.2f} | {lower + comp:.2f} |", flush=True)
+    first, last = min(totals), max(totals)
+    print(f"ratio {last} / {first} layers: {totals[last] / totals[first]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

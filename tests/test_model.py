@@ -1,0 +1,66 @@
+"""Structure and numerics of the model that parity alone does not pin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen2_jax.cache import KVCache
+from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model import RMSNorm, abstract_model, init_random
+
+TINY = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2)
+
+
+def _jaxpr_size(cfg):
+    graphdef, params = nnx.split(abstract_model(cfg))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, i: nnx.merge(graphdef, p)(i))(params, ids)
+    return len(str(jaxpr).splitlines())
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+    for step in (1, 2):  # all sparse, and dense and sparse layers mixed
+        small = _jaxpr_size(TINY.replace(num_hidden_layers=2, decoder_sparse_step=step))
+        deep = _jaxpr_size(TINY.replace(num_hidden_layers=12, decoder_sparse_step=step))
+        assert deep == small, (step, small, deep)
+
+
+def test_parameters_are_stacked_per_layer_kind():
+    cfg = TINY.replace(num_hidden_layers=5, mlp_only_layers=(1, 3))
+    state = nnx.state(abstract_model(cfg))
+    assert state["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (5, 32, 32)
+    assert state["model"]["layers"]["mlp"]["experts"]["gate_proj"].shape == (3, 4, 32, 16)
+    assert state["model"]["layers"]["dense_mlp"]["gate_proj"]["kernel"].shape == (2, 32, 48)
+
+
+def test_rmsnorm_normalises_in_float32_for_bfloat16_input():
+    norm = RMSNorm(8, 1e-6, param_dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8)) * 300, jnp.bfloat16)
+    ref = np.asarray(x, np.float32)
+    ref = ref / np.sqrt((ref ** 2).mean(-1, keepdims=True) + 1e-6)
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2)
+
+
+def test_logits_are_float32_for_bfloat16_weights():
+    model = init_random(TINY, dtype=jnp.bfloat16)
+    logits = model(jnp.zeros((1, 4), jnp.int32))
+    assert logits.dtype == jnp.float32 and logits.shape == (1, 4, 64)
+
+
+def test_cached_forward_equals_full_forward():
+    model = init_random(TINY.replace(num_hidden_layers=3, decoder_sparse_step=2), seed=1)
+    ids = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
+    full = model(ids)
+    cache = KVCache.create(model.config, 2, 16)
+    out = model.forward(ids[:, :5], cache=cache)
+    logits = [out.logits]
+    for t in range(5, 9):
+        out = model.forward(ids[:, t:t + 1], cache=out.cache)
+        logits.append(out.logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(logits, 1)), np.asarray(full), rtol=1e-5, atol=1e-5)
+    assert int(out.cache.index) == 9
