@@ -105,7 +105,9 @@ class Attention(nnx.Module):
         scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        # A query that may see no key (a left-padding position) outputs zeros, as torch's SDPA does for HF.
+        probs = jnp.where(jnp.any(mask, axis=-1)[:, None, None, :, None], probs, 0).astype(values.dtype)
         out = jnp.einsum("bkgts,bksd->btkgd", probs, values).astype(x.dtype)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
@@ -278,6 +280,11 @@ class Qwen2MoeForCausalLM(nnx.Module):
         valid slot before them; ``positions`` ([B, T], default 0..T-1 after the cache index) drive RoPE."""
         cfg = self.config
         b, t = input_ids.shape
+        mesh = getattr(self, "mesh", None)  # set by from_pretrained(..., mesh=) / sharding.shard_model
+        if moe_impl == "auto" and mesh is not None and mesh.size > 1:
+            from .sharding import expert_parallel_moe
+
+            moe_impl = expert_parallel_moe(mesh)
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)

@@ -1,0 +1,128 @@
+"""Partition rules: every parameter and cache array, from its logical axes to the mesh, in one table.
+
+Parameters carry logical axes in ``qwen2_jax.params.param_table`` (e.g. ``("layers", "experts", "embed",
+"moe_mlp")``); ``RULES`` maps each logical axis to a mesh axis. A dimension whose units (heads for the head
+axes, elements otherwise) do not divide by its mesh axis is replicated instead, except the experts, which
+must divide: an expert split in two would need a different dispatch.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qwen2_jax.cache import KVCache
+from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.params import param_shape, param_table
+
+# logical axis -> mesh axis (None: replicated).
+RULES: dict[str | None, str | None] = {
+    "experts": "expert",     # routed experts: each device holds and runs its own
+    "moe_mlp": "tensor",     # the experts' intermediate dim: expert weights spread over expert x tensor devices
+    "q_heads": "tensor",     # attention: column-parallel q/k/v, row-parallel o_proj
+    "kv_heads": "tensor",    # only when num_key_value_heads divides by the tensor axis; replicated otherwise
+    "shared_mlp": "tensor",  # the shared expert's intermediate dim
+    "mlp": "tensor",         # the dense layers' intermediate dim (none in Qwen2-57B-A14B)
+    "vocab": "tensor",       # embedding rows and lm_head columns
+    "batch": "data",         # inputs, KV cache, logits
+    "layers": None,          # the scan axis: every device runs every layer
+    "embed": None,           # the residual stream stays whole on every device
+    None: None,              # router and shared-expert gate outputs (64 and 1 wide)
+}
+
+
+def _units(cfg: Qwen2MoeConfig, logical: str | None, size: int) -> int:
+    """How many indivisible units a dimension holds: whole heads for the head axes, elements otherwise."""
+    return {"q_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads}.get(logical, size)
+
+
+def check_experts(cfg: Qwen2MoeConfig, mesh: Mesh) -> None:
+    n = mesh.shape["expert"]
+    if cfg.num_sparse_layers and cfg.num_experts % n:
+        raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis ({n}); "
+                         f"use an expert axis size that divides {cfg.num_experts}")
+
+
+def logical_spec(cfg: Qwen2MoeConfig, mesh: Mesh, axes, shape) -> P:
+    """The PartitionSpec for an array with logical ``axes`` and ``shape`` on ``mesh``, by ``RULES``."""
+    spec = []
+    for logical, size in zip(axes, shape):
+        axis = RULES[logical]
+        if axis is not None and (mesh.shape[axis] == 1 or _units(cfg, logical, size) % mesh.shape[axis]):
+            axis = None  # a trivial axis, or units that do not divide: replicate
+        spec.append(axis)
+    return P(*spec)
+
+
+def param_shardings(cfg: Qwen2MoeConfig, mesh: Mesh) -> dict[tuple[str, ...], NamedSharding]:
+    """``{Param.path: NamedSharding}`` for every parameter of ``cfg``'s model."""
+    check_experts(cfg, mesh)
+    return {p.path: NamedSharding(mesh, logical_spec(cfg, mesh, p.axes, param_shape(cfg, p)))
+            for p in param_table(cfg)}
+
+
+def cache_shardings(cfg: Qwen2MoeConfig, mesh: Mesh, batch: int | None = None) -> KVCache:
+    """A ``KVCache`` of NamedShardings: batch over ``data``, KV heads over ``tensor`` when they divide.
+    The same for every batch size (``batch`` is accepted for callers that pass it); a batch that does not
+    divide by the data axis is refused by ``check_batch`` or placing the arrays."""
+    kv = logical_spec(cfg, mesh, ("layers", "batch", "kv_heads", None, None),
+                      (cfg.num_hidden_layers, mesh.shape["data"], cfg.num_key_value_heads, 1, cfg.head_dim))
+    return KVCache(k=NamedSharding(mesh, kv), v=NamedSharding(mesh, kv),
+                   valid=NamedSharding(mesh, P("data", None)), index=NamedSharding(mesh, P()))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """For ``[B, ...]`` arrays (input ids, masks, positions, logits, generated tokens): batch over ``data``."""
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(mesh: Mesh, batch: int) -> None:
+    """A one-line ValueError unless ``batch`` divides by the mesh's data axis."""
+    n = mesh.shape["data"]
+    if batch % n:
+        raise ValueError(f"batch size {batch} is not divisible by the mesh's data axis ({n}); use a batch that is "
+                         f"a multiple of {n} (pad with extra prompts) or a mesh with a smaller data axis")
+
+
+def shard_model(model, mesh: Mesh):
+    """Moves an existing model's parameters (e.g. from ``init_random``) into the mesh's shardings, in place,
+    and sets ``model.mesh``; returns the model."""
+    shardings = param_shardings(model.config, mesh)
+    state = nnx.state(model)
+    tree = nnx.to_pure_dict(state)
+    for path, sharding in shardings.items():
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        host = np.asarray(node[path[-1]])
+        # From a host copy, so that it works with devices of other processes too (each process its own blocks).
+        node[path[-1]] = jax.make_array_from_callback(host.shape, sharding, lambda idx, host=host: host[idx])
+    nnx.replace_by_pure_dict(state, tree)
+    nnx.update(model, state)
+    model.mesh = mesh
+    return model
+
+
+def per_device_bytes(tree) -> dict[int, int]:
+    """Bytes held by each addressable device across the arrays of ``tree`` (from ``addressable_shards``)."""
+    out: dict[int, int] = {}
+    for a in jax.tree.leaves(tree):
+        for s in a.addressable_shards:
+            out[s.device.id] = out.get(s.device.id, 0) + s.data.nbytes
+    return out
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of ``x`` as a numpy array on this host; under a multi-host mesh, gathered from the other
+    processes' devices (every process must call it)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
