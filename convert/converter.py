@@ -1,0 +1,264 @@
+"""``convert``: a Hugging Face safetensors checkpoint to an Orbax checkpoint, in bounded memory, atomically.
+
+Output directory::
+
+    OUT_DIR/params/          Orbax PyTree checkpoint of the stacked parameter tree (keys: ``Param.path``)
+    OUT_DIR/config.json      copied, with generation_config.json and the tokenizer files when present
+    OUT_DIR/qwen2_jax.json   source files and sizes, dtypes and shapes, qwen2-jax version
+
+Everything is validated before anything is written; the result is assembled in a temporary directory beside
+OUT_DIR and renamed into place at the end, so a killed conversion never leaves a loadable OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+
+import qwen2_jax
+from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
+from qwen2_jax.loading import ORBAX_PARAMS
+from qwen2_jax.params import check_tensors, hf_names, iter_params, read_block
+
+from . import orbax_io
+
+OUTPUT_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+METADATA_FILE = "qwen2_jax.json"
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+class ConvertError(ValueError):
+    """The conversion cannot write its output; the message names the path and the reason."""
+
+
+def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, progress: bool | None = None) -> dict:
+    """Converts the HF checkpoint in ``hf_dir`` (``config.json`` + ``model.safetensors`` or the sharded form)
+    into ``out_dir``; returns the metadata written to ``out_dir/qwen2_jax.json``.
+
+    ``dtype``: "bfloat16" or "float32" casts every weight; None keeps each weight's source dtype.
+    ``force``: replace an existing ``out_dir`` (only once the new one is complete).
+    ``progress``: a progress bar on stderr (tensors and bytes); None shows it when stderr is a terminal.
+    Only about one block of weights (``orbax_io.BLOCK_BYTES``, a few times over) is in memory at once.
+    """
+    start = time.perf_counter()
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(OUTPUT_DTYPES)} (or None to keep "
+                         f"the source dtype)")
+    hf_dir, out_dir = os.path.abspath(os.fspath(hf_dir)), os.path.abspath(os.fspath(out_dir))
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: not a checkpoint directory")
+    if _inside(hf_dir, out_dir):  # --force would delete the source
+        raise ConvertError(f"{out_dir}: the output directory contains the source checkpoint {hf_dir}")
+    if os.path.lexists(out_dir) and not force:
+        raise FileExistsError(f"{out_dir}: already exists (use --force to replace it)")
+
+    # Validation: nothing is written before the config and every tensor header have been checked.
+    cfg = Qwen2MoeConfig.from_json(hf_dir)
+    tensors = check_tensors(cfg, read_tensors(hf_dir))
+    files = weight_files(hf_dir)
+    bar = _Progress(sys.stderr.isatty() if progress is None else bool(progress),
+                    sum(t.nbytes for t in tensors.values()), len(tensors))
+    tree, shapes = _sources(cfg, tensors, dtype, bar)
+
+    parent = os.path.dirname(out_dir)
+    _remove_stale(parent, os.path.basename(out_dir))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
+    except OSError as e:
+        raise ConvertError(f"{out_dir}: cannot create the output beside it in {parent} ({e.strerror})") from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new directory
+        try:
+            bar.open()
+            orbax_io.save(os.path.join(tmp, ORBAX_PARAMS), tree)
+        except (ValueError, OSError) as e:  # TensorStore reports I/O failures (a full disk, ...) as ValueError
+            raise ConvertError(f"{out_dir}: writing the Orbax checkpoint failed: {_first_line(e)}") from None
+        finally:
+            bar.close()
+        for name in COPIED_FILES:
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        metadata = {
+            "format": "qwen2-jax orbax checkpoint",
+            "qwen2_jax_version": qwen2_jax.__version__,
+            "dtype": _dtype_summary(shapes),
+            "source": {"directory": hf_dir, "files": [{"name": os.path.basename(f), "bytes": os.path.getsize(f)}
+                                                      for f in files],
+                       "tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors.values()),
+                       "dtypes": sorted({_dtype_name(DTYPES[t.dtype]) for t in tensors.values()})},
+            "params": {"/".join(path): {"shape": list(shape), "dtype": _dtype_name(dt)}
+                       for path, (shape, dt) in shapes.items()},
+        }
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
+        _replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConvertError(f"{out_dir}: {e.strerror or e} ({e.filename or tmp})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metadata["seconds"] = time.perf_counter() - start
+    return metadata
+
+
+def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = None) -> dict:
+    """The parameter tree of the converted checkpoint at ``path`` as a nested dict of ``jax.Array`` of ``dtype``.
+
+    Each array is restored directly into ``shardings[param path]`` (a dict as ``sharding.param_shardings``
+    makes; None puts everything on the default device): every device reads only the chunks of its own
+    slice, cast to ``dtype`` on the way. The stored shapes are checked against ``cfg`` first.
+    """
+    directory = os.path.join(os.path.abspath(os.fspath(path)), ORBAX_PARAMS)
+    try:
+        stored = orbax_io.stored_shapes(directory)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: not a readable Orbax checkpoint ({_first_line(e)})") from None
+    abstract: dict = {}
+    expected = set()
+    for p, shape in iter_params(cfg):
+        expected.add(p.path)
+        name = "/".join(p.path)
+        if p.path not in stored:
+            raise CheckpointError(f"{directory}: missing parameter {name} (expected shape {list(shape)})")
+        if stored[p.path][0] != shape:
+            raise CheckpointError(f"{directory}: parameter {name} has shape {list(stored[p.path][0])}, expected "
+                                  f"{list(shape)} from config.json")
+        sharding = (shardings or {}).get(p.path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        node = abstract
+        for key in p.path[:-1]:
+            node = node.setdefault(key, {})
+        node[p.path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    extra = sorted(set(stored) - expected)
+    if extra:
+        raise CheckpointError(f"{directory}: unexpected parameter {'/'.join(extra[0])} (not used by config.json)")
+    return orbax_io.restore(directory, abstract)
+
+
+# ---- planning -------------------------------------------------------------------------------------------
+def _sources(cfg, tensors, dtype, bar):
+    """The tree of ``orbax_io.Source`` leaves, and {path: (shape, dtype)} of what will be written."""
+    tree: dict = {}
+    shapes = {}
+    for p, shape in iter_params(cfg):
+        refs = [tensors[name] for name in hf_names(cfg, p).flat]
+        src_dtype = np.result_type(*[DTYPES[r.dtype] for r in refs])
+        out_dtype = np.dtype(OUTPUT_DTYPES[dtype]) if dtype else src_dtype
+        block, chunk = orbax_io.plan_blocks(shape, p.axes, p.num_stack_dims, p.transpose,
+                                            max(out_dtype.itemsize, src_dtype.itemsize))
+        src = orbax_io.Source(
+            name="/".join(p.path), shape=shape, dtype=out_dtype, block_shape=block, read_chunk_shape=chunk,
+            read=lambda index, p=p, out_dtype=out_dtype: read_block(cfg, p, tensors, index, out_dtype),
+            on_written=lambda index, n=p.num_stack_dims, shape=shape, itemsize=src_dtype.itemsize:
+                bar.written(index, n, shape, itemsize))
+        node = tree
+        for key in p.path[:-1]:
+            node = node.setdefault(key, {})
+        node[p.path[-1]] = src
+        shapes[p.path] = (shape, out_dtype)
+    return tree, shapes
+
+
+class _Progress:
+    """tqdm over source bytes, with the count of whole HF tensors written."""
+
+    def __init__(self, enabled: bool, total_bytes: int, total_tensors: int):
+        self.enabled, self.total_bytes, self.total_tensors = enabled, total_bytes, total_tensors
+        self.bar, self.tensors = None, 0
+
+    def open(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="converting",
+                            file=sys.stderr, dynamic_ncols=True)
+            self.bar.set_postfix_str(f"tensors 0/{self.total_tensors}")
+
+    def written(self, index, num_stack_dims, shape, itemsize):
+        if self.bar is None:
+            return
+        counts = [s.stop - s.start for s in index]
+        if all(s.stop == n for s, n in zip(index[num_stack_dims:], shape[num_stack_dims:])):
+            self.tensors += math.prod(counts[:num_stack_dims])  # the block finished these tensors
+        self.bar.set_postfix_str(f"tensors {self.tensors}/{self.total_tensors}", refresh=False)
+        self.bar.update(math.prod(counts) * itemsize)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- the output directory -------------------------------------------------------------------------------
+def _replace(tmp: str, out_dir: str) -> None:
+    """Renames the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` (``force``) is moved aside first
+    and deleted only after the new one is in place."""
+    old = None
+    if os.path.lexists(out_dir):
+        old = f"{os.path.dirname(out_dir)}/.{os.path.basename(out_dir)}.old-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+
+
+def _remove_stale(parent: str, base: str) -> None:
+    """Deletes temporary directories beside OUT_DIR left by conversions that were killed (their process is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(?:tmp|old)-(\d+)-")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory + os.sep)
+
+
+def _dtype_name(dt) -> str:
+    return np.dtype(dt).name
+
+
+def _dtype_summary(shapes) -> str:
+    names = sorted({_dtype_name(dt) for _, dt in shapes.values()})
+    return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
