@@ -312,9 +312,46 @@ class Qwen2MoeForCausalLM(nnx.Module):
                       router_logits=router if output_router_logits else None)
 
 
-def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0) -> Qwen2MoeForCausalLM:
-    """A model with random weights (normal, std 0.02; norms at one), for demos and benchmarks."""
-    return Qwen2MoeForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardings=None) -> Qwen2MoeForCausalLM:
+    """A model with random weights (normal, std 0.02; norm weights one), for demos and benchmarks.
+
+    Each weight is drawn on its own: on XLA:CPU with numpy (compiling threefry for a whole model takes XLA:CPU
+    longer than drawing the numbers), on accelerators by a jitted draw straight into the device memory (and
+    into ``shardings[path]`` when given), so a model larger than host memory can be made."""
+    model = abstract_model(cfg, dtype=dtype)
+    state = nnx.state(model)
+    on_host = jax.default_backend() == "cpu"
+    leaves = []
+    for i, (path, leaf) in enumerate(nnx.to_flat_state(state)):
+        path = tuple(str(k) for k in path)
+        shape, leaf_dtype = leaf.shape, leaf.dtype
+        ones = path[-1] == "weight"  # RMSNorm scales
+        sharding = (shardings or {}).get(path)
+        if ones:
+            value = jnp.ones(shape, leaf_dtype, device=sharding)
+        elif on_host:
+            value = np.random.default_rng([seed, i]).standard_normal(shape, np.float32) * np.float32(0.02)
+            value = jax.device_put(value.astype(leaf_dtype), sharding)
+        else:
+            value = _device_normal(shape, jnp.dtype(leaf_dtype), sharding)(jax.random.fold_in(jax.random.key(seed), i))
+        leaves.append((path, value))
+    nnx.replace_by_pure_dict(state, _nest(leaves))
+    nnx.update(model, state)
+    return model
+
+
+def _device_normal(shape, dtype, sharding):
+    return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype), out_shardings=sharding)
+
+
+def _nest(leaves):
+    tree: dict = {}
+    for path, value in leaves:
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
 
 
 def abstract_model(cfg: Qwen2MoeConfig, *, dtype=jnp.float32) -> Qwen2MoeForCausalLM:
