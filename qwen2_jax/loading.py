@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import Qwen2MoeConfig
+from .generate import GenerationConfig
 from .hf_files import CheckpointError
 from .model import Qwen2MoeForCausalLM, abstract_model
 from .params import load_hf
@@ -52,7 +53,10 @@ def from_pretrained(path, *, dtype="bfloat16", mesh=None) -> Qwen2MoeForCausalLM
         tree = restore_params(path, cfg, dtype, shardings)
     else:
         tree = load_hf(path, cfg, dtype, shardings)
-    return build_model(cfg, tree, dtype, mesh)
+    model = build_model(cfg, tree, dtype, mesh)
+    # End tokens and sampling defaults of the checkpoint (for this model <|im_end|> as well as <|endoftext|>).
+    model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def build_model(cfg: Qwen2MoeConfig, tree: dict, dtype, mesh=None) -> Qwen2MoeForCausalLM:

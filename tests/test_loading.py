@@ -80,3 +80,14 @@ def test_unsupported_dtype_argument_is_refused(hf_dir):
 def test_a_path_that_is_not_a_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         qwen2_jax.from_pretrained(tmp_path / "nothing")
+
+
+def test_generation_config_end_tokens_come_with_the_model(hf_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "d"
+    shutil.copytree(hf_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}))
+    model = qwen2_jax.from_pretrained(d, dtype="float32")
+    assert model.generation_config.eos_token_id == (151645, 151643)
+    assert qwen2_jax.from_pretrained(hf_dir, dtype="float32").generation_config is None
