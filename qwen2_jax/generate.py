@@ -72,7 +72,7 @@ class GenerationConfig:
             raise ValueError(f"{file}: expected a JSON object")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields and v is not None}
-        eos = values.get("eos_token_id", ())
+        eos = values.get("eos_token_id", [])
         values["eos_token_id"] = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
         return cls(**values)
 
