@@ -47,6 +47,7 @@ def main():
         base = base.replace(decoder_sparse_step=args.decoder_sparse_step)
     print(f"backend={jax.default_backend()} jax={jax.__version__} batch={args.batch} seq={args.seq} dtype={args.dtype} decoder_sparse_step={base.decoder_sparse_step}")
     print("| layers | trace+lower (s) | compile (s) | total (s) |\n|---:|---:|---:|---:|")
+    compile_seconds(base.replace(num_hidden_layers=1), args.batch, 8, jnp.dtype(args.dtype))  # warm JAX up first
     totals = {}
     for n in (int(s) for s in args.layers.split(",")):
         lower, comp = compile_seconds(base.replace(num_hidden_layers=n), args.batch, args.seq, jnp.dtype(args.dtype))
