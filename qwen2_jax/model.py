@@ -135,11 +135,15 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(_init(rngs.params(), (num_experts, intermediate, hidden), param_dtype))
         self.dtype = dtype
 
-    def __call__(self, x, weights, experts, impl: str | Callable = "auto"):
-        w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    def __call__(self, x, weights, experts, impl: str | Callable = "auto", layer=None):
+        """With ``layer``, the parameters hold the stacks of every sparse layer (see ``DecoderLayers``)."""
+        w = [p[...] for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        if layer is not None and (callable(impl) or w[0].dtype != jnp.dtype(self.dtype)):
+            w, layer = [a[layer] for a in w], None
+        w = [a.astype(self.dtype) for a in w]
         if callable(impl):  # e.g. the expert-parallel dispatch of qwen2_jax.sharding
             return impl(x, weights, experts, *w)
-        return moe.dispatch(x, weights, experts, *w, impl=impl)
+        return moe.dispatch(x, weights, experts, *w, impl=impl, layer=layer)
 
 
 class SparseMoeBlock(nnx.Module):
@@ -153,15 +157,15 @@ class SparseMoeBlock(nnx.Module):
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, **kw)
         self.shared_expert_gate = _linear(cfg.hidden_size, 1, bias=False, **kw)
 
-    def __call__(self, x, impl="auto"):
-        """x: [B, T, H] -> (out [B, T, H], router_logits [B*T, E])."""
+    def __call__(self, x, impl="auto", layer=None):
+        """x: [B, T, H] -> (out [B, T, H], router_logits [B*T, E]). ``layer``: see ``Experts``."""
         flat = x.reshape(-1, x.shape[-1])
         router_logits = self.gate(flat)
         probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # over all experts, in f32
         weights, experts = jax.lax.top_k(probs, self.top_k)
         if self.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        out = self.experts(flat, weights.astype(router_logits.dtype), experts, impl)
+        out = self.experts(flat, weights.astype(router_logits.dtype), experts, impl, layer)
         out = out + jax.nn.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.reshape(x.shape), router_logits
 
@@ -198,47 +202,99 @@ class DecoderLayers(nnx.Module):
         self.dense_mlp = _stacked(cfg.num_dense_layers, lambda r: MLP(cfg.hidden_size, cfg.intermediate_size, rngs=r, **kw), rngs)
         self.num_experts = cfg.num_experts
 
-    def __call__(self, h, cos, sin, mask, cache: KVCache, *, moe_impl="auto", remat=False):
-        """Returns (h, cache, router_logits [num_sparse_layers, B*T, E] or None)."""
-        norm1_def, norm1 = nnx.split(self.input_layernorm)
-        attn_def, attn = nnx.split(self.self_attn)
-        norm2_def, norm2 = nnx.split(self.post_attention_layernorm)
-        sparse_def, sparse = nnx.split(self.mlp) if self.mlp is not None else (None, None)
-        dense_def, dense = nnx.split(self.dense_mlp) if self.dense_mlp is not None else (None, None)
+    def _split(self, stacked_experts: bool):
+        """(graphdefs, states) of the stacked modules; with ``stacked_experts`` the routed experts' state apart."""
+        defs, states = {}, {}
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "dense_mlp"):
+            module = getattr(self, name)
+            defs[name], states[name] = nnx.split(module) if module is not None else (None, None)
+        states["experts"] = None
+        if self.mlp is None:
+            defs["mlp"], states["mlp"] = None, None
+        elif stacked_experts:
+            defs["mlp"], states["experts"], states["mlp"] = nnx.split(self.mlp, nnx.PathContains("experts"), ...)
+        else:
+            defs["mlp"], states["mlp"] = nnx.split(self.mlp)
+        return defs, states
+
+    def _slots(self) -> np.ndarray:
+        """Each layer's position within its own stack (sparse or dense)."""
         kinds = np.asarray(self.sparse)
-        # Each layer's position within its own stack (sparse or dense).
-        slot = jnp.asarray(np.where(kinds, np.cumsum(kinds) - 1, np.cumsum(~kinds) - 1), jnp.int32)
+        return np.where(kinds, np.cumsum(kinds) - 1, np.cumsum(~kinds) - 1)
+
+    def per_layer_params(self) -> tuple:
+        """Copies of each layer's weights, routed experts excepted: ``((input_layernorm, self_attn,
+        post_attention_layernorm, mlp or dense_mlp), ...)``, one tuple of states per layer, for ``__call__``'s
+        ``layer_params``. Made outside jit (a copy of every per-layer weight but the experts)."""
+        _, st = self._split(stacked_experts=True)
+        slots = self._slots()
+        return tuple((_index(st["input_layernorm"], i), _index(st["self_attn"], i),
+                      _index(st["post_attention_layernorm"], i),
+                      _index(st["mlp"] if sparse else st["dense_mlp"], int(slots[i])))
+                     for i, sparse in enumerate(self.sparse))
+
+    def __call__(self, h, cos, sin, mask, cache: KVCache, *, moe_impl="auto", remat=False, stacked_experts=False,
+                 layer_params: tuple | None = None):
+        """Returns (h, cache, router_logits [num_sparse_layers, B*T, E] or None).
+
+        ``stacked_experts``: the routed experts' stacks stay whole (closed over, not sliced by the scan) and the
+        dispatch reads the experts it needs at the layer's index, instead of XLA copying each layer's whole
+        ``[E, ...]`` block into the dispatch loop. For inference: under differentiation the scan would
+        accumulate a cotangent the size of every layer's experts at each layer.
+
+        ``layer_params`` (``per_layer_params()``, made once outside jit): the layers run unrolled on these
+        per-layer arrays instead of a scan over the stacks (with ``stacked_experts``). XLA:CPU copies every
+        weight a scan slices out of a stack before a matmul reads it, which triples what a decode step
+        moves through memory; per-layer arrays are read in place (see docs/performance.md)."""
+        stacked_experts = stacked_experts or layer_params is not None
+        defs, st = self._split(stacked_experts)
+        experts = () if st["experts"] is None else (st["experts"],)
+        kinds = np.asarray(self.sparse)
+        slot = jnp.asarray(self._slots(), jnp.int32)
         n_tokens = h.shape[0] * h.shape[1]
 
-        def sparse_mlp(x, params):
-            return nnx.merge(sparse_def, params)(x, moe_impl)
+        def sparse_mlp(x, params, layer):
+            f, router = nnx.merge(defs["mlp"], *experts, params)(x, moe_impl, layer if experts else None)
+            return f, router.astype(jnp.float32)
 
         def dense_mlp(x, params):
-            return nnx.merge(dense_def, params)(x), jnp.zeros((n_tokens, self.num_experts), jnp.float32)
+            return nnx.merge(defs["dense_mlp"], params)(x), jnp.zeros((n_tokens, self.num_experts), jnp.float32)
 
-        def layer(carry, xs):
+        def layer(carry, xs, sparse=None):
+            """One decoder layer; ``sparse`` (static) when the layer's kind is known at trace time."""
             h, cache = carry
             i, norm1_i, attn_i, norm2_i, ff_i = xs
-            a, cache = nnx.merge(attn_def, attn_i)(nnx.merge(norm1_def, norm1_i)(h), cos, sin, mask, cache, i)
+            a, cache = nnx.merge(defs["self_attn"], attn_i)(nnx.merge(defs["input_layernorm"], norm1_i)(h),
+                                                            cos, sin, mask, cache, i)
             h = h + a
-            x = nnx.merge(norm2_def, norm2_i)(h)
-            if kinds.all():
-                f, router = sparse_mlp(x, ff_i)
-            elif not kinds.any():
+            x = nnx.merge(defs["post_attention_layernorm"], norm2_i)(h)
+            if sparse is None and (kinds.all() or not kinds.any()):
+                sparse = bool(kinds.all())
+            if sparse is True:
+                f, router = sparse_mlp(x, ff_i, slot[i])
+            elif sparse is False:
                 f, router = dense_mlp(x, ff_i)
-            else:  # mixed: pick this layer's weights from the sparse or the dense stack
-                f, router = jax.lax.cond(
-                    kinds_dev[i],
-                    lambda: (lambda o: (o[0], o[1].astype(jnp.float32)))(sparse_mlp(x, _index(sparse, slot[i]))),
-                    lambda: dense_mlp(x, _index(dense, slot[i])))
-            return (h + f, cache), router.astype(jnp.float32)
+            else:  # mixed, scanned: pick this layer's weights from the sparse or the dense stack
+                f, router = jax.lax.cond(kinds_dev[i], lambda: sparse_mlp(x, _index(st["mlp"], slot[i]), slot[i]),
+                                         lambda: dense_mlp(x, _index(st["dense_mlp"], slot[i])))
+            return (h + f, cache), router
+
+        def run(sparse=None):
+            fn = lambda carry, xs: layer(carry, xs, sparse)
+            return jax.checkpoint(fn) if remat else fn
 
         kinds_dev = jnp.asarray(kinds)
-        ff = sparse if kinds.all() else dense if not kinds.any() else None
-        if remat:
-            layer = jax.checkpoint(layer)
-        xs = (jnp.arange(len(kinds), dtype=jnp.int32), norm1, attn, norm2, ff)
-        (h, cache), router = jax.lax.scan(layer, (h, cache), xs)
+        if layer_params is not None:
+            carry, routers = (h, cache), []
+            for i, params_i in enumerate(layer_params):
+                carry, router = run(bool(kinds[i]))(carry, (i, *params_i))
+                routers.append(router)
+            (h, cache), router = carry, jnp.stack(routers)
+        else:
+            ff = st["mlp"] if kinds.all() else st["dense_mlp"] if not kinds.any() else None
+            xs = (jnp.arange(len(kinds), dtype=jnp.int32), st["input_layernorm"], st["self_attn"],
+                  st["post_attention_layernorm"], ff)
+            (h, cache), router = jax.lax.scan(run(), (h, cache), xs)
         if self.mlp is None:
             return h, cache, None
         return h, cache, router[np.flatnonzero(kinds)]
@@ -275,9 +331,13 @@ class Qwen2MoeForCausalLM(nnx.Module):
         return self.forward(input_ids, attention_mask).logits
 
     def forward(self, input_ids, attention_mask=None, *, positions=None, cache: KVCache | None = None,
-                last_only=False, moe_impl="auto", output_router_logits=False, remat=False) -> Output:
+                last_only=False, moe_impl="auto", output_router_logits=False, remat=False,
+                stacked_experts: bool | None = None, layer_params: tuple | None = None) -> Output:
         """The full forward. With ``cache``, the tokens are written at ``cache.index`` and attend to every
-        valid slot before them; ``positions`` ([B, T], default 0..T-1 after the cache index) drive RoPE."""
+        valid slot before them; ``positions`` ([B, T], default 0..T-1 after the cache index) drive RoPE.
+        ``stacked_experts`` (see ``DecoderLayers``; faster, not for differentiation) defaults to on exactly
+        when a cache is given, i.e. in generation. ``layer_params``: ``model.model.layers.per_layer_params()``,
+        to run the layers unrolled on per-layer copies of their weights (the decode loop on XLA:CPU)."""
         cfg = self.config
         b, t = input_ids.shape
         mesh = getattr(self, "mesh", None)  # set by from_pretrained(..., mesh=) / sharding.shard_model
@@ -289,6 +349,8 @@ class Qwen2MoeForCausalLM(nnx.Module):
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
         return_cache = cache is not None
+        if stacked_experts is None:
+            stacked_experts = return_cache
         if cache is None:
             cache = KVCache.create(cfg, b, t, dtype=self.dtype)
         if positions is None:
@@ -301,7 +363,8 @@ class Qwen2MoeForCausalLM(nnx.Module):
 
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(cfg, positions, h.dtype)
-        h, cache, router = self.model.layers(h, cos, sin, mask, cache, moe_impl=moe_impl, remat=remat)
+        h, cache, router = self.model.layers(h, cos, sin, mask, cache, moe_impl=moe_impl, remat=remat,
+                                             stacked_experts=stacked_experts, layer_params=layer_params)
         h = self.model.norm(h)
         if last_only:
             h = h[:, -1:]

@@ -7,12 +7,14 @@ with expert weights stacked as ``gate_proj, up_proj: [E, H, I]`` and ``down_proj
 - ``dense``:  every token through every expert, then weighted; the reference (reads all E experts).
 - ``gather``: each token gathers its own top-k experts' weights; best when tokens x k is small (decode).
 - ``loop``:   a while-loop over the distinct experts the tokens chose, each applied to all tokens and
-              masked; reads each used expert once (XLA:CPU, small and medium token counts).
-- ``ragged``: (token, expert) pairs sorted by expert and a grouped matmul (``jax.lax.ragged_dot``); the
-              accelerator path for many tokens. On XLA:CPU ragged_dot lowers to a dense dot over all
-              experts, so it is not chosen there.
+              masked; reads each used expert once (XLA:CPU decode).
+- ``grouped``: (token, expert) pairs sorted by expert, cut into blocks of one expert each, a while-loop
+              over the blocks; computes only the chosen pairs (XLA:CPU prefill, accelerator prefill).
+- ``ragged``: the same sorted pairs through ``jax.lax.ragged_dot``. XLA:CPU, and XLA:GPU without a grouped
+              GEMM, lower ragged_dot to a dense dot over all experts, so ``auto`` does not choose it.
 
-``auto`` picks by backend and token count from the measurements in docs/moe-dispatch.md.
+``auto`` picks by backend and token count from the measurements in docs/moe-dispatch.md. ``loop`` and
+``grouped`` have no reverse-mode derivative of their own (a while-loop); ``grouped`` borrows ``dense``'s.
 """
 
 from __future__ import annotations
@@ -20,32 +22,51 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("dense", "gather", "loop", "ragged")
+IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")
 
 
 def choose(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
     """The implementation ``auto`` runs for this static token count (see docs/moe-dispatch.md)."""
     backend = backend or jax.default_backend()
-    pairs = num_tokens * top_k
     if backend == "cpu":
-        # XLA:CPU: gathering copies each pair's weights, so it wins only while pairs are few; the loop reads
-        # each chosen expert once; past a few hundred tokens every expert is used and dense is cheapest.
-        if pairs <= 16:
-            return "gather"
-        return "loop" if num_tokens <= 256 else "dense"
-    # Accelerators: gather for decode-sized batches, grouped matmul otherwise.
-    return "gather" if pairs <= 2 * num_experts else "ragged"
+        # XLA:CPU, quarter config: the loop is fastest up to 8 tokens (1.3-1.5x the grouped blocks, 3-6x
+        # gather, which copies every pair's weights); from 16 tokens on the grouped blocks win (1.4x at 16,
+        # 5x at 512 over the loop) and dense, 8x the work, never does.
+        return "loop" if num_tokens <= 8 else "grouped"
+    # Accelerators (not yet measured, see docs/moe-dispatch.md): gather while the pairs are few; then dense,
+    # which reads every expert once, as the batch touches most of them anyway, while a matmul of that many
+    # rows is still bound by memory; grouped blocks past that, so that the work stays top_k / E of dense's.
+    if num_tokens * top_k <= 16:
+        return "gather"
+    return "dense" if num_tokens <= 128 else "grouped"
 
 
-def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "auto"):
-    """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype."""
+def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "auto", layer=None):
+    """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype.
+
+    With ``layer`` (an int32 scalar), the expert weights are the stacks of all sparse layers ``[L, E, ...]``
+    and this layer's are used. ``loop`` and ``grouped`` then read each chosen expert straight out of the stack;
+    slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts, because the block is
+    an operand of their while-loop (see docs/performance.md)."""
     if impl == "auto":
-        impl = choose(x.shape[0], experts.shape[1], gate_proj.shape[0])
+        impl = choose(x.shape[0], experts.shape[1], gate_proj.shape[-3])
     try:
         fn = _IMPLS[impl]
     except KeyError:
         raise ValueError(f"unknown MoE implementation {impl!r}; expected 'auto' or one of {IMPLEMENTATIONS}") from None
-    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
+    w = (gate_proj, up_proj, down_proj)
+    if layer is not None:
+        if impl in ("loop", "grouped"):
+            return fn(x, weights.astype(x.dtype), experts, *w, layer=layer)
+        w = [a[layer] for a in w]
+    if impl == "grouped":
+        fn = _grouped_with_dense_gradient
+    return fn(x, weights.astype(x.dtype), experts, *w)
+
+
+def _expert(w, layer, e):
+    """Expert ``e``'s matrix from a layer's ``[E, ...]`` weights, or from the stack ``[L, E, ...]`` at ``layer``."""
+    return w[e] if layer is None else w[layer, e]
 
 
 def _swiglu(x, gate, up):
@@ -70,8 +91,8 @@ def gather(x, weights, experts, gate_proj, up_proj, down_proj):
     return jnp.einsum("tkh,tk->th", out, weights)
 
 
-def loop(x, weights, experts, gate_proj, up_proj, down_proj):
-    num_experts = gate_proj.shape[0]
+def loop(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
+    num_experts = gate_proj.shape[-3]
     combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=x.dtype))
     used = jnp.any(experts[..., None] == jnp.arange(num_experts), axis=(0, 1))
     # The distinct chosen experts first, in ascending order; the loop stops after the last of them.
@@ -81,11 +102,69 @@ def loop(x, weights, experts, gate_proj, up_proj, down_proj):
     def body(state):
         i, acc = state
         e = order[i]
-        out = _swiglu(x, gate_proj[e], up_proj[e]) @ down_proj[e]
+        out = _swiglu(x, _expert(gate_proj, layer, e), _expert(up_proj, layer, e)) @ _expert(down_proj, layer, e)
         return i + 1, acc + out * combine[:, e, None]
 
     _, acc = jax.lax.while_loop(lambda s: s[0] < count, body, (jnp.int32(0), jnp.zeros_like(x)))
     return acc
+
+
+def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, block: int | None = None):
+    """(token, expert) pairs sorted by expert and cut into blocks of ``block`` rows, each block within one
+    expert (an expert's last block is padded); a while-loop applies each block's expert to its rows. Only the
+    chosen (token, expert) pairs are computed, and each expert is read once per block: the prefill path of
+    XLA:CPU, where ``ragged_dot`` would compute every expert for every pair."""
+    num_tokens, top_k = experts.shape
+    num_experts = gate_proj.shape[-3]
+    pairs = num_tokens * top_k
+    block = block or group_block(num_tokens, top_k, num_experts)
+    flat = experts.reshape(-1)
+    flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # out-of-range ids (other shards): skipped
+    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+    sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
+    blocks = -(-sizes // block)  # per expert
+    ends = jnp.cumsum(blocks)
+    max_blocks = -(-pairs // block) + num_experts  # sum of ceil(size / block) never exceeds it
+    j = jnp.arange(max_blocks)
+    e = jnp.minimum(jnp.searchsorted(ends, j, side="right"), num_experts - 1)  # each block's expert
+    row = (j - (ends - blocks)[e])[:, None] * block + jnp.arange(block)  # row within its expert's pairs
+    live = (row < sizes[e][:, None]) & (j < ends[-1])[:, None]
+    pair = order[jnp.clip((jnp.cumsum(sizes) - sizes)[e][:, None] + row, 0, pairs - 1)]  # [max_blocks, block]
+    token = pair // top_k
+    scale = jnp.where(live, weights.reshape(-1)[pair], 0)
+    xs = jnp.take(x, token, axis=0)  # [max_blocks, block, H]
+
+    def body(i, ys):
+        g, u, d = (_expert(w, layer, e[i]) for w in (gate_proj, up_proj, down_proj))
+        out = _swiglu(xs[i], g, u) @ d
+        return jax.lax.dynamic_update_index_in_dim(ys, out * scale[i][:, None], i, 0)
+
+    ys = jax.lax.fori_loop(0, ends[-1], body, jnp.zeros(xs.shape, x.dtype))
+    return jnp.zeros_like(x).at[token.reshape(-1)].add(ys.reshape(-1, x.shape[-1]))
+
+
+@jax.custom_vjp
+def _grouped_with_dense_gradient(x, weights, experts, gate_proj, up_proj, down_proj):
+    """``grouped`` forward, ``dense``'s derivative (the same function) backward: what training gets from ``auto``."""
+    return grouped(x, weights, experts, gate_proj, up_proj, down_proj)
+
+
+def _grouped_fwd(*args):
+    return grouped(*args), args
+
+
+def _grouped_bwd(args, cotangent):
+    return jax.vjp(dense, *args)[1](cotangent)
+
+
+_grouped_with_dense_gradient.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def group_block(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows per block for ``grouped``: the mean pairs per expert rounded down to a power of two, in [8, 128]
+    (on XLA:CPU at 512 tokens, blocks of 32 to 128 rows ran alike, 16 rows 1.3x and 8 rows 1.7x slower)."""
+    mean = num_tokens * top_k // num_experts
+    return int(min(128, max(8, 1 << max(mean, 1).bit_length() - 1)))
 
 
 def ragged(x, weights, experts, gate_proj, up_proj, down_proj):
@@ -101,4 +180,4 @@ def ragged(x, weights, experts, gate_proj, up_proj, down_proj):
     return jnp.zeros_like(x).at[token_of].add(out)
 
 
-_IMPLS = {"dense": dense, "gather": gather, "loop": loop, "ragged": ragged}
+_IMPLS = {"dense": dense, "gather": gather, "loop": loop, "grouped": grouped, "ragged": ragged}

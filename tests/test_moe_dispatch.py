@@ -18,7 +18,7 @@ def _inputs(tokens, experts=8, top_k=3, hidden=16, inner=8, seed=0, dtype=jnp.fl
     return x, weights.astype(dtype), idx, *w
 
 
-@pytest.mark.parametrize("impl", ["gather", "loop", "ragged"])
+@pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "ragged"])
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_implementation_equals_dense_reference(impl, tokens):
     args = _inputs(tokens)
@@ -45,11 +45,45 @@ def test_bfloat16_dispatch_stays_close_to_float32():
 
 
 def test_auto_choice_by_backend_and_token_count():
-    assert moe.choose(1, 8, 64, "cpu") == "gather"
+    assert moe.choose(1, 8, 64, "cpu") == "loop"
     assert moe.choose(8, 8, 64, "cpu") == "loop"
-    assert moe.choose(512, 8, 64, "cpu") == "dense"
+    assert moe.choose(16, 8, 64, "cpu") == "grouped"
+    assert moe.choose(512, 8, 64, "cpu") == "grouped"
     assert moe.choose(1, 8, 64, "gpu") == "gather"
-    assert moe.choose(2048, 8, 64, "gpu") == "ragged"
+    assert moe.choose(64, 8, 64, "gpu") == "dense"
+    assert moe.choose(2048, 8, 64, "gpu") == "grouped"
+
+
+@pytest.mark.parametrize("block", [1, 4, 32])
+def test_grouped_blocks_of_any_size_equal_dense(block):
+    args = _inputs(13)
+    np.testing.assert_allclose(np.asarray(moe.grouped(*args, block=block)),
+                               np.asarray(moe.dense(*args)), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_skips_out_of_range_experts_like_the_others():
+    x, weights, idx, g, u, d = _inputs(6, experts=8, top_k=2)
+    idx = idx.at[0, 1].set(8).at[3, 0].set(8)  # an expert on another shard (see sharding.expert_parallel)
+    np.testing.assert_allclose(np.asarray(moe.grouped(x, weights, idx, g, u, d)),
+                               np.asarray(moe.dense(x, weights, idx, g, u, d)), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_gradient_is_dense_gradient():
+    x, weights, idx, g, u, d = _inputs(9)
+    loss = lambda impl: lambda *a: jnp.sum(moe.dispatch(a[0], a[1], idx, *a[2:], impl=impl) ** 2)
+    want = jax.grad(loss("dense"), argnums=range(5))(x, weights, g, u, d)
+    got = jax.jit(jax.grad(loss("grouped"), argnums=range(5)))(x, weights, g, u, d)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", moe.IMPLEMENTATIONS)
+def test_stacked_weights_at_a_layer_index_equal_that_layers_weights(impl):
+    x, weights, idx, g, u, d = _inputs(5)
+    stacks = [jnp.stack([w * 0.5, w, w * 2]) for w in (g, u, d)]
+    want = moe.dispatch(x, weights, idx, g * 2, u * 2, d * 2, impl=impl)
+    got = jax.jit(lambda layer: moe.dispatch(x, weights, idx, *stacks, impl=impl, layer=layer))(jnp.int32(2))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_implementation_is_refused():
