@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-DEFAULT_CONFIG = "/work/shared/configs/qwen2-57b-a14b-quarter.json"
+DEFAULT_CONFIG = "qwen2_jax/configs/qwen2-57b-a14b-quarter.json"
 
 
 def child(src: str, out: str, compression: bool) -> None:

@@ -1,6 +1,6 @@
 """Decode step time with the KV cache in two layouts: [L, B, Hkv, S, D] (qwen2_jax.cache) and [L, B, S, Hkv, D].
 
-    python scripts/bench_kv_layout.py [--config ../shared/configs/qwen2-57b-a14b-quarter.json]
+    python scripts/bench_kv_layout.py [--config qwen2_jax/configs/qwen2-57b-a14b-quarter.json]
                                       [--batch 1 8] [--cache-len 4096] [--steps 16]
 
 First, only what the layout changes (per layer: write one token's keys and values, attend over the cache), then
@@ -128,7 +128,7 @@ def attention_step_ms(cfg, layout, batch_size, cache_len, steps, repeats=5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="../shared/configs/qwen2-57b-a14b-quarter.json")
+    parser.add_argument("--config", default="qwen2_jax/configs/qwen2-57b-a14b-quarter.json")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--cache-len", type=int, default=4096, help="cache slots (a power of two)")
     parser.add_argument("--steps", type=int, default=16)

@@ -17,7 +17,7 @@ from qwen2_jax.generate import GenerationConfig, generate, generate_stream
 
 gen = importlib.import_module("qwen2_jax.generate")  # the module (qwen2_jax.generate is the function)
 
-SHARED_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "configs")
+SHARED_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "qwen2_jax", "configs")  # embedded copies of shared/configs
 
 # Random configurations: all-sparse GQA; mixed dense/sparse layers with normalised top-k; multi-query attention
 # with a head_dim that is not hidden / heads and tied embeddings.
