@@ -14,8 +14,10 @@ both. Measured, for each side:
 - time to first token: ``generate`` of one token from a ``--prefill-len``-token prompt;
 - compile time (JAX: first call minus a steady call, persistent compilation cache off) and peak RSS.
 
-It also measures the memory bandwidth (a large-array read) and prints the floor of a decode step: the bytes
-of weights one step reads (``decode_step_bytes``) over that bandwidth.
+It also measures the memory bandwidth (a read of a 1 GiB array, larger than the caches) at each round and
+prints the floor of a decode step: the bytes of weights one step reads (``decode_step_bytes``) over the
+median bandwidth. Threads: XLA:CPU runs one thread per core this process may use; torch gets as many
+(``torch.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -459,7 +461,6 @@ def _run(args, batches) -> int:
         config_name += f" ({args.layers} layers)"
     print(f"bench: {config_name}, float32, {threads} threads, checkpoint {checkpoint}", file=sys.stderr, flush=True)
 
-    bandwidth = _bandwidth_in_subprocess()
     w = Workload(batches=batches, new_tokens=args.new_tokens,
                  decode_prompts={b: prompts(cfg.vocab_size, b, args.prompt_len, seed=b) for b in batches},
                  long_prompt=prompts(cfg.vocab_size, 1, args.prefill_len, seed=1000))
@@ -477,7 +478,10 @@ def _run(args, batches) -> int:
             print(f"bench: warming up {side.name}", file=sys.stderr, flush=True)
             warm_up(side, w)
         rounds = {side.name: [] for side in sides}
+        bandwidths = []
         for r in range(args.rounds):
+            # The bandwidth too, each round: the floor is compared with steps measured under the same load.
+            bandwidths.append(_bandwidth_in_subprocess())
             for side in sides:  # alternately: JAX, HF, JAX, HF, ...
                 print(f"bench: round {r + 1}/{args.rounds}: {side.name}", file=sys.stderr, flush=True)
                 rounds[side.name].append(measure_round(side, w))
@@ -486,6 +490,8 @@ def _run(args, batches) -> int:
         for side in sides[1:]:
             side.close()
 
+    bandwidth = {k: statistics.median(b[k] for b in bandwidths) for k in bandwidths[0]}
+    bandwidth["rounds"] = [b["gbs"] for b in bandwidths]
     jax_side = sides[0]
     step_bytes = {str(b): decode_step_bytes(cfg, b, 4) for b in range(1, max(batches) + 1)}
     jax_median = _median_rounds(rounds["jax"])

@@ -45,9 +45,9 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
     """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype.
 
     With ``layer`` (an int32 scalar), the expert weights are the stacks of all sparse layers ``[L, E, ...]``
-    and this layer's are used. ``loop`` and ``grouped`` then read each chosen expert straight out of the stack;
-    slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts, because the block is
-    an operand of their while-loop (see docs/performance.md)."""
+    and this layer's are used. ``loop``, ``grouped`` and ``gather`` then read each chosen expert straight out
+    of the stack; slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts (the
+    block is an operand of a while-loop or of a matmul; see docs/moe-dispatch.md)."""
     if impl == "auto":
         impl = choose(x.shape[0], experts.shape[1], gate_proj.shape[-3])
     try:
@@ -56,7 +56,7 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
         raise ValueError(f"unknown MoE implementation {impl!r}; expected 'auto' or one of {IMPLEMENTATIONS}") from None
     w = (gate_proj, up_proj, down_proj)
     if layer is not None:
-        if impl in ("loop", "grouped"):
+        if impl in ("loop", "grouped", "gather"):
             return fn(x, weights.astype(x.dtype), experts, *w, layer=layer)
         w = [a[layer] for a in w]
     if impl == "grouped":
@@ -82,10 +82,10 @@ def dense(x, weights, experts, gate_proj, up_proj, down_proj):
     return jnp.einsum("teh,te->th", out, combine)
 
 
-def gather(x, weights, experts, gate_proj, up_proj, down_proj):
-    g = jnp.take(gate_proj, experts, axis=0)  # [T, K, H, I]
-    u = jnp.take(up_proj, experts, axis=0)
-    d = jnp.take(down_proj, experts, axis=0)  # [T, K, I, H]
+def gather(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
+    # With a layer index, one gather from the stack (no slice of the layer's experts for XLA to copy first).
+    g, u, d = (w[experts] if layer is None else w[layer, experts] for w in (gate_proj, up_proj, down_proj))
+    # g, u: [T, K, H, I]; d: [T, K, I, H]
     h = jax.nn.silu(jnp.einsum("th,tkhi->tki", x, g)) * jnp.einsum("th,tkhi->tki", x, u)
     out = jnp.einsum("tki,tkih->tkh", h, d)
     return jnp.einsum("tkh,tk->th", out, weights)
