@@ -132,7 +132,7 @@ class Qwen2MoeConfig:
                 fields[name] = int(raw[name])
         eos = raw.get("eos_token_id")
         fields["eos_token_id"] = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-        fields.update(_rope_fields(raw, fields.get("max_position_embeddings", cls.max_position_embeddings), fields["head_dim"]))
+        fields.update(_rope_fields(raw, fields.get("max_position_embeddings", cls.max_position_embeddings)))
         cfg = cls(**fields)
         cfg.validate()
         return cfg
@@ -202,7 +202,7 @@ def _int(raw: dict[str, Any], name: str) -> int:
     return value
 
 
-def _rope_fields(raw: dict[str, Any], max_positions: int, head_dim: int) -> dict[str, Any]:
+def _rope_fields(raw: dict[str, Any], max_positions: int) -> dict[str, Any]:
     """RoPE settings from either schema: 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``."""
     params = raw.get("rope_parameters")
     if params is not None and any(isinstance(v, dict) for v in params.values()):

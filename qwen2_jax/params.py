@@ -10,6 +10,7 @@ read this table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterator
 
 import jax
@@ -101,13 +102,12 @@ def param_shape(cfg: Qwen2MoeConfig, p: Param) -> tuple[int, ...]:
     return _abstract_shapes(cfg)[p.path]
 
 
-def _abstract_shapes(cfg: Qwen2MoeConfig, _memo: dict = {}) -> dict[tuple[str, ...], tuple[int, ...]]:
-    if cfg not in _memo:
-        from .model import abstract_model
+@functools.cache  # configs are frozen and hashable; the module tree is traced once per config
+def _abstract_shapes(cfg: Qwen2MoeConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    from .model import abstract_model
 
-        flat = nnx.to_flat_state(nnx.state(abstract_model(cfg)))
-        _memo[cfg] = {tuple(str(k) for k in path): tuple(v.shape) for path, v in flat}
-    return _memo[cfg]
+    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg)))
+    return {tuple(str(k) for k in path): tuple(v.shape) for path, v in flat}
 
 
 def hf_names(cfg: Qwen2MoeConfig, p: Param) -> np.ndarray:
