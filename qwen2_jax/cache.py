@@ -34,6 +34,16 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def grow(self, max_len: int) -> "KVCache":
+        """The same cache with ``max_len`` slots, the new ones empty (the prefill fills a cache as long as the
+        prompt, so that its attention spans the prompt only, and then grows it for the decode loop)."""
+        pad = max_len - self.max_len
+        if pad < 0:
+            raise ValueError(f"cannot shrink a KV cache of {self.max_len} slots to {max_len}")
+        kv = [(0, 0)] * 3 + [(0, pad), (0, 0)]
+        return dataclasses.replace(self, k=jnp.pad(self.k, kv), v=jnp.pad(self.v, kv),
+                                   valid=jnp.pad(self.valid, [(0, 0), (0, pad)]))
+
     def update(self, layer, k, v) -> "KVCache":
         """Writes one layer's new keys and values ``[B, Hkv, T, D]`` at slots ``index .. index+T``."""
         start = (layer, 0, 0, self.index, 0)

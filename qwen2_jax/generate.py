@@ -11,8 +11,11 @@ does not recompile either; only which processors run (``sampling.Sampler``) is s
   each row's last token, chooses the next one and stops when every row has produced an end token or reached
   its budget, or at ``stop_at`` steps. ``generate`` runs it once to the end; ``generate_stream`` runs it a few
   steps at a time and yields the tokens in between. It is the same compiled function, so both give the same
-  tokens for the same seed. On XLA:CPU it runs the layers unrolled on per-layer copies of their weights
-  (``decode_layer_params``, made once per model): a batch-1 step 1.6x faster (docs/performance.md).
+  tokens for the same seed.
+
+On XLA:CPU both run the layers unrolled on per-layer (and per-expert) arrays that are views of the stacked
+weights (``layer_params``, made once per model): XLA:CPU copies a slice of a stack before multiplying it, and
+reading each weight in place made a batch-1 decode step 2x faster (docs/performance.md).
 
 Outputs follow HF: the new tokens only, up to and including the end token that stopped the row.
 """
@@ -127,18 +130,21 @@ def _append(sampler: Sampler, state: DecodeState, logits, controls: Controls) ->
         seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
 
 
-def _prefill(graphdef, params, input_ids, attention_mask, active, controls: Controls, *, sampler: Sampler,
-             max_len: int, cache_sharding=None) -> DecodeState:
-    """Left-padded prompts [B, T] -> the state after the first generated token."""
+def _prefill(graphdef, params, layer_params, input_ids, attention_mask, active, controls: Controls, *,
+             sampler: Sampler, max_len: int, cache_sharding=None) -> DecodeState:
+    """Left-padded prompts [B, T] -> the state after the first generated token. ``layer_params``: see
+    ``layer_params``, or None."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
     cfg = model.config
-    b = input_ids.shape[0]
-    cache = KVCache.create(cfg, b, max_len, dtype=model.dtype)
-    if cache_sharding is not None:
-        cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    b, t = input_ids.shape
+    constrain = (lambda c: jax.lax.with_sharding_constraint(c, cache_sharding)) if cache_sharding is not None else (lambda c: c)
+    # A cache of the prompt's length, grown afterwards: the prompt attends to its own slots, not to max_len.
+    cache = constrain(KVCache.create(cfg, b, t, dtype=model.dtype))
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
-    out = model.forward(input_ids, attention_mask, positions=positions, cache=cache, last_only=True)
+    out = model.forward(input_ids, attention_mask, positions=positions, cache=cache, last_only=True,
+                        layer_params=layer_params)
+    out = dataclasses.replace(out, cache=constrain(out.cache.grow(max_len)))
     # The prompt's tokens count as seen for the repetition penalty; the padding does not (as in HF).
     # (Padding goes to the out-of-range id V, which the scatter drops; a negative id would wrap around.)
     ids = jnp.where(attention_mask, input_ids, cfg.vocab_size)
@@ -153,7 +159,7 @@ def _prefill(graphdef, params, input_ids, attention_mask, active, controls: Cont
 def _decode(graphdef, params, layer_params, state: DecodeState, controls: Controls, stop_at, *,
             sampler: Sampler) -> DecodeState:
     """Decode steps until every row is done, or ``step`` reaches ``stop_at`` or ``max_new_tokens``.
-    ``layer_params``: per-layer copies of the layer weights (``decode_layer_params``) or None."""
+    ``layer_params``: see ``layer_params``, or None."""
     TRACES["decode"] += 1
     stop = jnp.minimum(stop_at, controls.max_new_tokens)
 
@@ -174,21 +180,22 @@ _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "sampler"), donate_a
 _LAYER_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decode_layer_params(model):
-    """Per-layer copies of the model's layer weights (routed experts excepted) for the decode loop on XLA:CPU,
-    where they make a decode step 1.6x faster than slicing the stacked weights in a scan (see
-    ``DecoderLayers`` and docs/performance.md); None elsewhere (on a mesh, or an accelerator, where the copy
-    would cost too much memory). Made on first use and kept, with the model, while its weights are the same
-    arrays: about a tenth of the model's memory in the quarter config (the experts are most of it)."""
+def layer_params(model):
+    """The model's layer weights as per-layer and per-expert arrays (``DecoderLayers.per_layer_params``) for
+    the prefill and the decode loop on XLA:CPU, where they are views of the stacks' memory and make a
+    batch-1 decode step 2x faster (docs/performance.md); None elsewhere (on a mesh, or an accelerator, where
+    they would be copies of the whole model). Made on first use and kept, with the model, while its weights
+    are the same arrays."""
     if jax.default_backend() != "cpu" or getattr(model, "mesh", None) is not None:
         return None
     sources = jax.tree.leaves(nnx.state(model.model.layers))
     cached = _LAYER_PARAMS.get(model)
-    if cached is not None and len(cached[0]) == len(sources) and all(r() is a for r, a in zip(cached[0], sources)):
+    if (cached is not None and len(cached[0]) == len(sources) and all(r() is a for r, a in zip(cached[0], sources))
+            and not any(a.is_deleted() for a in sources)):
         return cached[1]
-    layer_params = model.model.layers.per_layer_params()
-    _LAYER_PARAMS[model] = (tuple(weakref.ref(a) for a in sources), layer_params)
-    return layer_params
+    params = model.model.layers.per_layer_params()
+    _LAYER_PARAMS[model] = (tuple(weakref.ref(a) for a in sources), params)
+    return params
 
 
 # ---- host side: checking the arguments and padding the batch ------------------------------------------------
@@ -319,14 +326,13 @@ def _prepare(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repet
 
 
 def _start(batch: _Batch) -> DecodeState:
-    return _prefill_jit(batch.graphdef, batch.params, batch.input_ids, batch.attention_mask, batch.active,
+    batch.layer_params = layer_params(batch.model)
+    return _prefill_jit(batch.graphdef, batch.params, batch.layer_params, batch.input_ids, batch.attention_mask, batch.active,
                         batch.controls, sampler=batch.sampler, max_len=batch.max_len,
                         cache_sharding=batch.cache_sharding)
 
 
 def _run(batch: _Batch, state: DecodeState, stop_at: int) -> DecodeState:
-    if batch.layer_params is None:  # after the prefill, so that a stream's first token does not wait for it
-        batch.layer_params = decode_layer_params(batch.model)
     return _decode_jit(batch.graphdef, batch.params, batch.layer_params, state, batch.controls,
                        jnp.asarray(stop_at, jnp.int32), sampler=batch.sampler)
 

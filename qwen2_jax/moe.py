@@ -2,7 +2,10 @@
 
     y[t] = sum_k weights[t, k] * down(silu(x[t] @ gate_proj[e]) * (x[t] @ up_proj[e])),   e = experts[t, k]
 
-with expert weights stacked as ``gate_proj, up_proj: [E, H, I]`` and ``down_proj: [E, I, H]``.
+with expert weights stacked as ``gate_proj, up_proj: [E, H, I]`` and ``down_proj: [E, I, H]``, or, for
+``loop`` and ``grouped``, given as sequences of E per-expert arrays (``views.slices`` of the stacks): each
+expert is then applied by a ``lax.switch`` branch that reads its arguments in place, where XLA:CPU copies a
+slice of a stack before multiplying it (the decode loop on XLA:CPU, docs/performance.md).
 
 - ``dense``:  every token through every expert, then weighted; the reference (reads all E experts).
 - ``gather``: each token gathers its own top-k experts' weights; best when tokens x k is small (decode).
@@ -48,6 +51,12 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
     and this layer's are used. ``loop``, ``grouped`` and ``gather`` then read each chosen expert straight out
     of the stack; slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts (the
     block is an operand of a while-loop or of a matmul; see docs/moe-dispatch.md)."""
+    if isinstance(gate_proj, (tuple, list)):  # per-expert arrays
+        impl = choose(x.shape[0], experts.shape[1], len(gate_proj)) if impl == "auto" else impl
+        if impl not in ("loop", "grouped"):
+            raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
+                             "to 'loop' or 'grouped'")
+        return _IMPLS[impl](x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
     if impl == "auto":
         impl = choose(x.shape[0], experts.shape[1], gate_proj.shape[-3])
     try:
@@ -67,6 +76,19 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
 def _expert(w, layer, e):
     """Expert ``e``'s matrix from a layer's ``[E, ...]`` weights, or from the stack ``[L, E, ...]`` at ``layer``."""
     return w[e] if layer is None else w[layer, e]
+
+
+def _num_experts(gate_proj) -> int:
+    return len(gate_proj) if isinstance(gate_proj, (tuple, list)) else gate_proj.shape[-3]
+
+
+def _expert_ffn(gate_proj, up_proj, down_proj, layer):
+    """``ffn(x, e)``: expert ``e``'s SwiGLU on the rows ``x``, for a traced expert id ``e``. Stacked weights are
+    sliced at ``e``; per-expert arrays are picked by a switch, whose branches multiply them in place."""
+    if isinstance(gate_proj, (tuple, list)):
+        branches = [lambda x, g=g, u=u, d=d: _swiglu(x, g, u) @ d for g, u, d in zip(gate_proj, up_proj, down_proj)]
+        return lambda x, e: jax.lax.switch(e, branches, x)
+    return lambda x, e: _swiglu(x, _expert(gate_proj, layer, e), _expert(up_proj, layer, e)) @ _expert(down_proj, layer, e)
 
 
 def _swiglu(x, gate, up):
@@ -92,7 +114,8 @@ def gather(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
 
 
 def loop(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
-    num_experts = gate_proj.shape[-3]
+    num_experts = _num_experts(gate_proj)
+    ffn = _expert_ffn(gate_proj, up_proj, down_proj, layer)
     combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=x.dtype))
     used = jnp.any(experts[..., None] == jnp.arange(num_experts), axis=(0, 1))
     # The distinct chosen experts first, in ascending order; the loop stops after the last of them.
@@ -102,8 +125,7 @@ def loop(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
     def body(state):
         i, acc = state
         e = order[i]
-        out = _swiglu(x, _expert(gate_proj, layer, e), _expert(up_proj, layer, e)) @ _expert(down_proj, layer, e)
-        return i + 1, acc + out * combine[:, e, None]
+        return i + 1, acc + ffn(x, e) * combine[:, e, None]
 
     _, acc = jax.lax.while_loop(lambda s: s[0] < count, body, (jnp.int32(0), jnp.zeros_like(x)))
     return acc
@@ -115,7 +137,8 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, bloc
     chosen (token, expert) pairs are computed, and each expert is read once per block: the prefill path of
     XLA:CPU, where ``ragged_dot`` would compute every expert for every pair."""
     num_tokens, top_k = experts.shape
-    num_experts = gate_proj.shape[-3]
+    num_experts = _num_experts(gate_proj)
+    ffn = _expert_ffn(gate_proj, up_proj, down_proj, layer)
     pairs = num_tokens * top_k
     block = block or group_block(num_tokens, top_k, num_experts)
     flat = experts.reshape(-1)
@@ -135,8 +158,7 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, bloc
     xs = jnp.take(x, token, axis=0)  # [max_blocks, block, H]
 
     def body(i, ys):
-        g, u, d = (_expert(w, layer, e[i]) for w in (gate_proj, up_proj, down_proj))
-        out = _swiglu(xs[i], g, u) @ d
+        out = ffn(xs[i], e[i])
         return jax.lax.dynamic_update_index_in_dim(ys, out * scale[i][:, None], i, 0)
 
     ys = jax.lax.fori_loop(0, ends[-1], body, jnp.zeros(xs.shape, x.dtype))

@@ -81,7 +81,7 @@ def param_table(cfg: Qwen2MoeConfig) -> list[Param]:
                  for p in _swiglu(("model", "layers", "dense_mlp"), "model.layers.{i}.mlp", "dense", "mlp")]
     rows.append(Param(("model", "norm", "weight"), "model.norm.weight", "", False, ("embed",)))
     if not cfg.tie_word_embeddings:
-        rows.append(Param(("lm_head", "kernel"), "lm_head.weight", "", True, ("embed", "vocab")))
+        rows.append(Param(("lm_head", "weight"), "lm_head.weight", "", False, ("vocab", "embed")))
     return rows
 
 

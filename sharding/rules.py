@@ -25,7 +25,7 @@ RULES: dict[str | None, str | None] = {
     "kv_heads": "tensor",    # only when num_key_value_heads divides by the tensor axis; replicated otherwise
     "shared_mlp": "tensor",  # the shared expert's intermediate dim
     "mlp": "tensor",         # the dense layers' intermediate dim (none in Qwen2-57B-A14B)
-    "vocab": "tensor",       # embedding rows and lm_head columns
+    "vocab": "tensor",       # embedding and lm_head rows
     "batch": "data",         # inputs, KV cache, logits
     "layers": None,          # the scan axis: every device runs every layer
     "embed": None,           # the residual stream stays whole on every device

@@ -274,3 +274,25 @@ def test_generation_under_a_device_mesh_gives_the_same_tokens(models, tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_grown_cache_keeps_its_slots_and_adds_empty_ones():
+    import dataclasses
+
+    import jax.numpy as jnp
+    from qwen2_jax.cache import KVCache
+    from qwen2_jax.config import Qwen2MoeConfig
+
+    cfg = Qwen2MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)
+    cache = KVCache.create(cfg, 2, 3)
+    cache = cache.update(1, jnp.ones((2, 1, 3, cfg.head_dim)), 2 * jnp.ones((2, 1, 3, cfg.head_dim)))
+    cache = dataclasses.replace(cache, valid=cache.valid.at[:, 1:].set(True), index=jnp.int32(3))
+    grown = cache.grow(8)
+    assert grown.max_len == 8 and int(grown.index) == 3
+    np.testing.assert_array_equal(np.asarray(grown.k[:, :, :, :3]), np.asarray(cache.k))
+    np.testing.assert_array_equal(np.asarray(grown.v[:, :, :, :3]), np.asarray(cache.v))
+    assert not np.asarray(grown.k[:, :, :, 3:]).any() and not np.asarray(grown.valid[:, 3:]).any()
+    np.testing.assert_array_equal(np.asarray(grown.valid[:, :3]), np.asarray(cache.valid))
+    with pytest.raises(ValueError, match="cannot shrink a KV cache of 3 slots to 2"):
+        cache.grow(2)

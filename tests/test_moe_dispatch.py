@@ -89,3 +89,21 @@ def test_stacked_weights_at_a_layer_index_equal_that_layers_weights(impl):
 def test_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
         moe.dispatch(*_inputs(2), impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_per_expert_arrays_equal_the_stacked_weights(impl, tokens):
+    x, weights, idx, g, u, d = _inputs(tokens)
+    per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in (g, u, d)]
+    want = moe.dispatch(x, weights, idx, g, u, d, impl="dense")
+    got = jax.jit(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl=impl))(x, per_expert)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert moe.dispatch(x, weights, idx, *per_expert).shape == x.shape  # auto picks loop or grouped
+
+
+def test_per_expert_arrays_are_refused_by_the_stacked_only_implementations():
+    x, weights, idx, g, u, d = _inputs(2)
+    per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in (g, u, d)]
+    with pytest.raises(ValueError, match="'gather' takes stacked expert weights"):
+        moe.dispatch(x, weights, idx, *per_expert, impl="gather")

@@ -225,7 +225,7 @@ def test_rules_put_experts_on_expert_and_heads_mlp_widths_vocab_on_tensor():
     assert specs["model/layers/self_attn/o_proj/kernel"] == P(None, "tensor", None)
     assert specs["model/layers/self_attn/k_proj/kernel"] == P(None, None, "tensor")  # 2 KV heads over 2
     assert specs["model/embed_tokens/embedding"] == P("tensor", None)
-    assert specs["lm_head/kernel"] == P(None, "tensor")
+    assert specs["lm_head/weight"] == P("tensor", None)
     assert specs["model/layers/mlp/gate/kernel"] == P(None, None, None)  # the router: replicated
     assert specs["model/layers/input_layernorm/weight"] == P(None, None)
 

@@ -1,0 +1,46 @@
+"""Zero-copy views of slices of a stacked weight, on XLA:CPU.
+
+XLA:CPU copies a slice of a larger array into a buffer of its own before a matmul reads it, every time the
+compiled function runs: a decode step that reads its layers out of ``[L, ...]`` stacks, or its experts out of
+``[E, H, I]`` blocks, moves each weight three times instead of once (docs/performance.md). A weight that is
+an argument of its own is read in place. ``slices(stack)`` makes those arguments without copying: jax arrays
+whose buffers are the rows of ``stack``'s buffer (imported through DLPack), each keeping ``stack`` alive.
+
+Host memory only: on other devices, for sharded arrays, or where a row is not 64-byte aligned, the slices
+are copies (the same values; only the memory differs).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+_ALIGN = 64  # XLA:CPU's buffer alignment; DLPack import copies what is less aligned
+
+
+class _Rows:
+    """A numpy-importable description of ``stack``'s host buffer that holds a reference to ``stack``."""
+
+    def __init__(self, stack: jax.Array):
+        self.stack = stack  # the views' buffers are this array's: keep it alive while any view is
+        self.__array_interface__ = {"data": (stack.unsafe_buffer_pointer(), False), "shape": stack.shape,
+                                    "typestr": np.dtype(stack.dtype).str, "version": 3}
+
+
+def can_alias(stack: jax.Array) -> bool:
+    """Whether ``slices(stack)`` returns views rather than copies."""
+    row_bytes = stack.dtype.itemsize * int(np.prod(stack.shape[1:]))
+    return (isinstance(stack, jax.Array) and stack.ndim >= 1 and len(stack.devices()) == 1
+            and next(iter(stack.devices())).platform == "cpu" and row_bytes % _ALIGN == 0
+            and np.dtype(stack.dtype).kind in "fiub" and not stack.is_deleted())
+
+
+def slices(stack: jax.Array) -> tuple[jax.Array, ...]:
+    """``(stack[0], stack[1], ...)``, sharing ``stack``'s memory where ``can_alias(stack)``."""
+    if not can_alias(stack):
+        return tuple(stack[i] for i in range(stack.shape[0]))
+    host = np.asarray(_Rows(stack))  # a writable ndarray over the buffer, as DLPack export requires
+    views = tuple(jax.dlpack.from_dlpack(host[i]) for i in range(stack.shape[0]))
+    if views and views[0].unsafe_buffer_pointer() != stack.unsafe_buffer_pointer():  # imported as a copy
+        return tuple(stack[i] for i in range(stack.shape[0]))
+    return views

@@ -1,0 +1,56 @@
+"""Per-layer views of stacked weights on XLA:CPU share the stack's memory and keep it alive."""
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2_jax import views
+from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model import init_random
+
+
+def test_slices_of_an_aligned_stack_share_its_buffer_and_hold_its_values():
+    stack = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 16)), jnp.float32)  # rows of 256 bytes
+    assert views.can_alias(stack)
+    rows = views.slices(stack)
+    row_bytes = 4 * 16 * 4
+    assert [r.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer() for r in rows] == [0, row_bytes, 2 * row_bytes]
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(stack[i]))
+    assert float(jax.jit(lambda a: a.sum())(rows[2])) == float(stack[2].sum())
+
+
+def test_a_view_keeps_the_stack_alive_after_the_stack_is_dropped():
+    stack = jnp.arange(2 * 64, dtype=jnp.float32).reshape(2, 64)
+    want = np.asarray(stack[1]).copy()
+    row = views.slices(stack)[1]
+    del stack
+    gc.collect()
+    _ = [jnp.full((2, 64), -1.0) for _ in range(8)]  # allocations that would reuse a freed buffer
+    np.testing.assert_array_equal(np.asarray(row), want)
+
+
+def test_unaligned_rows_are_copies_with_the_same_values():
+    stack = jnp.arange(15, dtype=jnp.float32).reshape(3, 5)  # 20-byte rows
+    assert not views.can_alias(stack)
+    rows = views.slices(stack)
+    assert [np.asarray(r).tolist() for r in rows] == np.asarray(stack).tolist()
+
+
+def test_per_layer_params_are_views_and_give_the_stacked_forward():
+    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, mlp_only_layers=(1,))
+    model = init_random(cfg, dtype=jnp.float32)
+    params = model.model.layers.per_layer_params()
+    gate = model.model.layers.mlp.experts.gate_proj[...]  # [2 sparse layers, 8, 32, 16]
+    sparse_layer_experts = params[2][4]  # layer 2 is the second sparse layer
+    assert params[1][4] is None  # a dense layer has no experts
+    np.testing.assert_array_equal(np.asarray(sparse_layer_experts[0][3]), np.asarray(gate[1, 3]))
+    assert sparse_layer_experts[0][3].unsafe_buffer_pointer() - gate.unsafe_buffer_pointer() == (8 + 3) * 32 * 16 * 4
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 6)), jnp.int32)
+    want = model.forward(ids, stacked_experts=True).logits
+    got = jax.jit(lambda ids, lp: model.forward(ids, layer_params=lp).logits)(ids, params)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
