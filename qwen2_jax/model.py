@@ -419,7 +419,7 @@ def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardi
     for i, (path, leaf) in enumerate(nnx.to_flat_state(state)):
         path = tuple(str(k) for k in path)
         shape, leaf_dtype = leaf.shape, leaf.dtype
-        ones = path[-1] == "weight"  # RMSNorm scales
+        ones = path[-1] == "weight" and any("norm" in k for k in path)  # RMSNorm scales
         sharding = (shardings or {}).get(path)
         if ones:
             value = jnp.ones(shape, leaf_dtype, device=sharding)

@@ -208,9 +208,12 @@ class TrainConfig:
 
 
 def _decays(params):
-    """Weight decay applies to matrices (kernels, embeddings, experts), not to biases or norm weights."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) not in ("bias", "weight"), params)
+    """Weight decay applies to matrices (kernels, embeddings, experts, lm_head), not to biases or norm weights."""
+    def decays(path, _):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        return keys[-1] != "bias" and not (keys[-1] == "weight" and any("norm" in k for k in keys))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:

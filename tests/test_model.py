@@ -64,3 +64,17 @@ def test_cached_forward_equals_full_forward():
         logits.append(out.logits)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(logits, 1)), np.asarray(full), rtol=1e-5, atol=1e-5)
     assert int(out.cache.index) == 9
+
+
+def test_random_models_have_unit_norm_scales_and_a_random_lm_head():
+    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model import init_random
+
+    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                         shared_expert_intermediate_size=8)
+    model = init_random(cfg, dtype=jnp.float32)
+    assert np.all(np.asarray(model.model.norm.weight[...]) == 1)
+    assert np.all(np.asarray(model.model.layers.input_layernorm.weight[...]) == 1)
+    lm_head = np.asarray(model.lm_head.weight[...])
+    assert lm_head.shape == (64, 16) and 0.01 < lm_head.std() < 0.03

@@ -394,3 +394,15 @@ def test_restoring_into_a_state_of_another_structure_is_refused_in_one_line(tmp_
 if __name__ == "__main__":  # the subprocess of the 8-device test: prints the loss curve as JSON
     if sys.argv[1] == "curve":
         print(json.dumps(loss_curve(sys.argv[2], sys.argv[3])))
+
+
+def test_weight_decay_masks_biases_and_norm_scales_only():
+    params = {"model": {"norm": {"weight": 0}, "layers": {"input_layernorm": {"weight": 0},
+                                                          "self_attn": {"q_proj": {"kernel": 0, "bias": 0}}},
+                        "embed_tokens": {"embedding": 0}},
+              "lm_head": {"weight": 0}}
+    mask = training._decays(params)
+    assert mask == {"model": {"norm": {"weight": False}, "layers": {"input_layernorm": {"weight": False},
+                                                                   "self_attn": {"q_proj": {"kernel": True, "bias": False}}},
+                              "embed_tokens": {"embedding": True}},
+                    "lm_head": {"weight": True}}
