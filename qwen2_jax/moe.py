@@ -28,9 +28,17 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")
 
 
-def choose(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None) -> str:
-    """The implementation ``auto`` runs for this static token count (see docs/moe-dispatch.md)."""
+def choose(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None,
+           per_expert: bool = False) -> str:
+    """The implementation ``auto`` runs for this static token count (see docs/moe-dispatch.md);
+    ``per_expert``: for experts given as per-expert arrays."""
     backend = backend or jax.default_backend()
+    if per_expert:
+        # XLA:CPU, per-expert views: one token reads its top-k experts once either way; from 2 tokens on, small
+        # blocks of the pairs each expert really has beat the loop (which applies each expert to every token):
+        # 1.25x in a batch-8 decode step. Blocks of 2 rows or more: a one-row block compiles a matrix-vector
+        # product per expert branch (18 s against 6 s for a batch-8 step) for no measured gain.
+        return "loop" if num_tokens == 1 else "grouped"
     if backend == "cpu":
         # XLA:CPU, quarter config: the loop is fastest up to 8 tokens (1.3-1.5x the grouped blocks, 3-6x
         # gather, which copies every pair's weights); from 16 tokens on the grouped blocks win (1.4x at 16,
@@ -51,8 +59,8 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
     and this layer's are used. ``loop``, ``grouped`` and ``gather`` then read each chosen expert straight out
     of the stack; slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts (the
     block is an operand of a while-loop or of a matmul; see docs/moe-dispatch.md)."""
-    if isinstance(gate_proj, (tuple, list)):  # per-expert arrays
-        impl = choose(x.shape[0], experts.shape[1], len(gate_proj)) if impl == "auto" else impl
+    if _per_expert(gate_proj):  # per-expert arrays
+        impl = choose(x.shape[0], experts.shape[1], len(gate_proj), per_expert=True) if impl == "auto" else impl
         if impl not in ("loop", "grouped"):
             raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
                              "to 'loop' or 'grouped'")
@@ -78,14 +86,18 @@ def _expert(w, layer, e):
     return w[e] if layer is None else w[layer, e]
 
 
+def _per_expert(gate_proj) -> bool:
+    return isinstance(gate_proj, (tuple, list))
+
+
 def _num_experts(gate_proj) -> int:
-    return len(gate_proj) if isinstance(gate_proj, (tuple, list)) else gate_proj.shape[-3]
+    return len(gate_proj) if _per_expert(gate_proj) else gate_proj.shape[-3]
 
 
 def _expert_ffn(gate_proj, up_proj, down_proj, layer):
     """``ffn(x, e)``: expert ``e``'s SwiGLU on the rows ``x``, for a traced expert id ``e``. Stacked weights are
     sliced at ``e``; per-expert arrays are picked by a switch, whose branches multiply them in place."""
-    if isinstance(gate_proj, (tuple, list)):
+    if _per_expert(gate_proj):
         branches = [lambda x, g=g, u=u, d=d: _swiglu(x, g, u) @ d for g, u, d in zip(gate_proj, up_proj, down_proj)]
         return lambda x, e: jax.lax.switch(e, branches, x)
     return lambda x, e: _swiglu(x, _expert(gate_proj, layer, e), _expert(up_proj, layer, e)) @ _expert(down_proj, layer, e)
@@ -140,7 +152,7 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, bloc
     num_experts = _num_experts(gate_proj)
     ffn = _expert_ffn(gate_proj, up_proj, down_proj, layer)
     pairs = num_tokens * top_k
-    block = block or group_block(num_tokens, top_k, num_experts)
+    block = block or group_block(num_tokens, top_k, num_experts, minimum=2 if _per_expert(gate_proj) else 8)
     flat = experts.reshape(-1)
     flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # out-of-range ids (other shards): skipped
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
@@ -182,11 +194,13 @@ def _grouped_bwd(args, cotangent):
 _grouped_with_dense_gradient.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def group_block(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Rows per block for ``grouped``: the mean pairs per expert rounded down to a power of two, in [8, 128]
-    (on XLA:CPU at 512 tokens, blocks of 32 to 128 rows ran alike, 16 rows 1.3x and 8 rows 1.7x slower)."""
+def group_block(num_tokens: int, top_k: int, num_experts: int, minimum: int = 8) -> int:
+    """Rows per block for ``grouped``: the mean pairs per expert rounded down to a power of two, in
+    [minimum, 128]. Each block reads its expert's weights: with stacked weights XLA:CPU copies them per block, so
+    blocks stay at 8 rows or more (at 512 tokens, 32 to 128 rows ran alike, 16 rows 1.3x and 8 rows 1.7x
+    slower); per-expert arrays are read in place and blocks as small as the mean win (docs/moe-dispatch.md)."""
     mean = num_tokens * top_k // num_experts
-    return int(min(128, max(8, 1 << max(mean, 1).bit_length() - 1)))
+    return int(min(128, max(minimum, 1 << max(mean, 1).bit_length() - 1)))
 
 
 def ragged(x, weights, experts, gate_proj, up_proj, down_proj):

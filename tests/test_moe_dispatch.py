@@ -52,6 +52,10 @@ def test_auto_choice_by_backend_and_token_count():
     assert moe.choose(1, 8, 64, "gpu") == "gather"
     assert moe.choose(64, 8, 64, "gpu") == "dense"
     assert moe.choose(2048, 8, 64, "gpu") == "grouped"
+    assert moe.choose(1, 8, 64, "cpu", per_expert=True) == "loop"
+    assert moe.choose(8, 8, 64, "cpu", per_expert=True) == "grouped"
+    assert moe.group_block(8, 8, 64) == 8 and moe.group_block(8, 8, 64, minimum=2) == 2
+    assert moe.group_block(512, 8, 64, minimum=2) == 64
 
 
 @pytest.mark.parametrize("block", [1, 4, 32])
