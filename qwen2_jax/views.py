@@ -29,8 +29,10 @@ class _Rows:
 
 def can_alias(stack: jax.Array) -> bool:
     """Whether ``slices(stack)`` returns views rather than copies."""
+    if isinstance(stack, jax.core.Tracer) or not isinstance(stack, jax.Array):  # under a trace: no buffer yet
+        return False
     row_bytes = stack.dtype.itemsize * int(np.prod(stack.shape[1:]))
-    return (isinstance(stack, jax.Array) and stack.ndim >= 1 and len(stack.devices()) == 1
+    return (stack.ndim >= 1 and len(stack.devices()) == 1
             and next(iter(stack.devices())).platform == "cpu" and row_bytes % _ALIGN == 0
             and np.dtype(stack.dtype).kind in "fiub" and not stack.is_deleted())
 
