@@ -296,3 +296,24 @@ def test_a_grown_cache_keeps_its_slots_and_adds_empty_ones():
     np.testing.assert_array_equal(np.asarray(grown.valid[:, :3]), np.asarray(cache.valid))
     with pytest.raises(ValueError, match="cannot shrink a KV cache of 3 slots to 2"):
         cache.grow(2)
+
+
+def test_new_weights_are_used_after_an_update_not_the_cached_layer_views(tmp_path):
+    """Generation on XLA:CPU keeps per-layer views of a model's weights; after the weights change (a training
+    step, ``nnx.update``), it must generate from the new ones."""
+    import jax
+    from flax import nnx
+
+    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model import init_random
+
+    cfg = Qwen2MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2)
+    model, other = init_random(cfg, seed=0), init_random(cfg, seed=1)
+    prompt = [[3, 14, 15, 92, 65]]
+    first = generate(model, prompt, max_new_tokens=12, eos_token_ids=())
+    assert gen.layer_params(model) is not None  # the views are cached for this model
+    nnx.update(model, jax.tree.map(lambda a: a.copy(), nnx.state(other)))
+    assert generate(model, prompt, max_new_tokens=12, eos_token_ids=()) == generate(
+        other, prompt, max_new_tokens=12, eos_token_ids=()) != first
