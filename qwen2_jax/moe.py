@@ -36,8 +36,8 @@ def choose(num_tokens: int, top_k: int, num_experts: int, backend: str | None = 
     if per_expert:
         # XLA:CPU, per-expert views: one token reads its top-k experts once either way; from 2 tokens on, small
         # blocks of the pairs each expert really has beat the loop (which applies each expert to every token):
-        # 1.25x in a batch-8 decode step. Blocks of 2 rows or more: a one-row block compiles a matrix-vector
-        # product per expert branch (18 s against 6 s for a batch-8 step) for no measured gain.
+        # 1.8x for one layer at 8 tokens. Blocks of 2 rows or more: a one-row block compiles a matrix-vector
+        # product per expert branch (several times the compile time of a batch-8 step) for no gain in the model.
         return "loop" if num_tokens == 1 else "grouped"
     if backend == "cpu":
         # XLA:CPU, quarter config: the loop is fastest up to 8 tokens (1.3-1.5x the grouped blocks, 3-6x
