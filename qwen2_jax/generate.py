@@ -138,7 +138,10 @@ def _prefill(graphdef, params, layer_params, input_ids, attention_mask, active, 
     model = nnx.merge(graphdef, params)
     cfg = model.config
     b, t = input_ids.shape
-    constrain = (lambda c: jax.lax.with_sharding_constraint(c, cache_sharding)) if cache_sharding is not None else (lambda c: c)
+
+    def constrain(cache):
+        return cache if cache_sharding is None else jax.lax.with_sharding_constraint(cache, cache_sharding)
+
     # A cache of the prompt's length, grown afterwards: the prompt attends to its own slots, not to max_len.
     cache = constrain(KVCache.create(cfg, b, t, dtype=model.dtype))
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
@@ -327,8 +330,8 @@ def _prepare(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repet
 
 def _start(batch: _Batch) -> DecodeState:
     batch.layer_params = layer_params(batch.model)
-    return _prefill_jit(batch.graphdef, batch.params, batch.layer_params, batch.input_ids, batch.attention_mask, batch.active,
-                        batch.controls, sampler=batch.sampler, max_len=batch.max_len,
+    return _prefill_jit(batch.graphdef, batch.params, batch.layer_params, batch.input_ids, batch.attention_mask,
+                        batch.active, batch.controls, sampler=batch.sampler, max_len=batch.max_len,
                         cache_sharding=batch.cache_sharding)
 
 

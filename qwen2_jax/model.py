@@ -41,6 +41,12 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)  # HF order: normalise in f32, cast, then scale
 
 
+def is_norm_scale(path) -> bool:
+    """Whether a parameter path (its keys as strings) is an RMSNorm scale: initialised to one, not decayed.
+    Plain ``weight`` is not enough: ``lm_head.weight`` is a matrix."""
+    return path[-1] == "weight" and any("norm" in k for k in path)
+
+
 # ---- rotary embedding -----------------------------------------------------------------------------------
 def rope_inv_freq(cfg: Qwen2MoeConfig) -> np.ndarray:
     """Inverse frequencies ``[head_dim // 2]`` in float32, as transformers computes them (default or YaRN)."""
@@ -333,8 +339,8 @@ class Qwen2MoeModel(nnx.Module):
 
 class LMHead(nnx.Module):
     """The untied output projection, kept as HF's ``lm_head.weight`` ``[vocab, hidden]`` (the embedding's
-    layout) rather than a ``[hidden, vocab]`` kernel: on XLA:CPU a batch of 8 rows multiplies it 1.4x faster
-    (48 against 69 ms in the quarter config, docs/performance.md)."""
+    layout) rather than a ``[hidden, vocab]`` kernel: on XLA:CPU a batch of 8 rows multiplies it 1.58x faster
+    in the quarter config (``scripts/bench_ablation.py``, docs/performance.md)."""
 
     def __init__(self, vocab: int, hidden: int, *, param_dtype, rngs):
         self.weight = nnx.Param(_init(rngs.params(), (vocab, hidden), param_dtype))
@@ -368,7 +374,7 @@ class Qwen2MoeForCausalLM(nnx.Module):
         valid slot before them; ``positions`` ([B, T], default 0..T-1 after the cache index) drive RoPE.
         ``stacked_experts`` (see ``DecoderLayers``; faster, not for differentiation) defaults to on exactly
         when a cache is given, i.e. in generation. ``layer_params``: ``model.model.layers.per_layer_params()``,
-        to run the layers unrolled on per-layer copies of their weights (the decode loop on XLA:CPU)."""
+        to run the layers unrolled on per-layer and per-expert arrays (generation on XLA:CPU)."""
         cfg = self.config
         b, t = input_ids.shape
         mesh = getattr(self, "mesh", None)  # set by from_pretrained(..., mesh=) / sharding.shard_model
@@ -419,7 +425,7 @@ def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardi
     for i, (path, leaf) in enumerate(nnx.to_flat_state(state)):
         path = tuple(str(k) for k in path)
         shape, leaf_dtype = leaf.shape, leaf.dtype
-        ones = path[-1] == "weight" and any("norm" in k for k in path)  # RMSNorm scales
+        ones = is_norm_scale(path)
         sharding = (shardings or {}).get(path)
         if ones:
             value = jnp.ones(shape, leaf_dtype, device=sharding)

@@ -59,18 +59,18 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
     and this layer's are used. ``loop``, ``grouped`` and ``gather`` then read each chosen expert straight out
     of the stack; slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts (the
     block is an operand of a while-loop or of a matmul; see docs/moe-dispatch.md)."""
-    if _per_expert(gate_proj):  # per-expert arrays
-        impl = choose(x.shape[0], experts.shape[1], len(gate_proj), per_expert=True) if impl == "auto" else impl
-        if impl not in ("loop", "grouped"):
-            raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
-                             "to 'loop' or 'grouped'")
-        return _IMPLS[impl](x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
+    per_expert = _per_expert(gate_proj)
     if impl == "auto":
-        impl = choose(x.shape[0], experts.shape[1], gate_proj.shape[-3])
+        impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_proj), per_expert=per_expert)
     try:
         fn = _IMPLS[impl]
     except KeyError:
         raise ValueError(f"unknown MoE implementation {impl!r}; expected 'auto' or one of {IMPLEMENTATIONS}") from None
+    if per_expert:
+        if impl not in ("loop", "grouped"):
+            raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
+                             "to 'loop' or 'grouped'")
+        return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
     w = (gate_proj, up_proj, down_proj)
     if layer is not None:
         if impl in ("loop", "grouped", "gather"):

@@ -33,6 +33,7 @@ from flax import nnx
 
 from . import moe
 from .config import Qwen2MoeConfig
+from .model import is_norm_scale
 
 IGNORE_INDEX = -100  # transformers' ignore_index for labels
 
@@ -211,7 +212,7 @@ def _decays(params):
     """Weight decay applies to matrices (kernels, embeddings, experts, lm_head), not to biases or norm weights."""
     def decays(path, _):
         keys = [str(getattr(k, "key", k)) for k in path]
-        return keys[-1] != "bias" and not (keys[-1] == "weight" and any("norm" in k for k in keys))
+        return keys[-1] != "bias" and not is_norm_scale(keys)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -89,7 +89,7 @@ def random_model_on_device(cfg, dtype, seed=0):
     from flax import nnx
 
     from qwen2_jax.loading import build_model
-    from qwen2_jax.model import abstract_model
+    from qwen2_jax.model import abstract_model, is_norm_scale
 
     abstract = nnx.state(abstract_model(cfg, dtype=dtype)).to_pure_dict()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -109,7 +109,7 @@ def random_model_on_device(cfg, dtype, seed=0):
     made = {}
     for n, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(abstract)[0]):
         names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-        ones = any("norm" in str(x) for x in names) and names[-1] == "weight"
+        ones = is_norm_scale([str(x) for x in names])
         fn = jax.jit(make, static_argnums=(0, 1, 2), out_shardings=device)
         made[tuple(names)] = fn(tuple(leaf.shape), leaf.dtype, ones, jax.random.key(seed * 1000 + n))
     tree = {}

@@ -111,3 +111,5 @@ def test_per_expert_arrays_are_refused_by_the_stacked_only_implementations():
     per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in (g, u, d)]
     with pytest.raises(ValueError, match="'gather' takes stacked expert weights"):
         moe.dispatch(x, weights, idx, *per_expert, impl="gather")
+    with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
+        moe.dispatch(x, weights, idx, *per_expert, impl="fast")
