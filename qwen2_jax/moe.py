@@ -143,38 +143,61 @@ def loop(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
     return acc
 
 
-def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, block: int | None = None):
-    """(token, expert) pairs sorted by expert and cut into blocks of ``block`` rows, each block within one
-    expert (an expert's last block is padded); a while-loop applies each block's expert to its rows. Only the
-    chosen (token, expert) pairs are computed, and each expert is read once per block: the prefill path of
-    XLA:CPU, where ``ragged_dot`` would compute every expert for every pair."""
+def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, block: int | None = None,
+            step: int | None = None):
+    """(token, expert) pairs sorted by expert and cut into blocks of up to ``block`` rows, each block within
+    one expert; a while-loop applies each block's expert to its rows. Only the chosen (token, expert) pairs
+    are computed, and each expert is read once per block: the prefill path of XLA:CPU, where ``ragged_dot``
+    would compute every expert for every pair.
+
+    An expert's last block is computed on the fewest multiple of ``step`` rows that hold its pairs (a switch
+    over the ``block // step`` row counts), so padding stays under ``step`` rows per expert, where a whole
+    padded block wastes half a block on average (docs/moe-dispatch.md)."""
     num_tokens, top_k = experts.shape
     num_experts = _num_experts(gate_proj)
+    hidden = x.shape[-1]
     ffn = _expert_ffn(gate_proj, up_proj, down_proj, layer)
     pairs = num_tokens * top_k
     block = block or group_block(num_tokens, top_k, num_experts, minimum=2 if _per_expert(gate_proj) else 8)
+    step = step or group_step(block)
+    if block % step:
+        raise ValueError(f"grouped: step {step} does not divide block {block}")
     flat = experts.reshape(-1)
-    flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # out-of-range ids (other shards): skipped
-    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+    skipped = (flat < 0) | (flat >= num_experts)  # out-of-range ids (other shards): contribute nothing
+    flat = jnp.where(skipped, num_experts, flat)
+    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, skipped ones last
     sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
     blocks = -(-sizes // block)  # per expert
     ends = jnp.cumsum(blocks)
+    starts = ends - blocks
     max_blocks = -(-pairs // block) + num_experts  # sum of ceil(size / block) never exceeds it
+    # Each pair's slot in the [max_blocks * block] rows: its expert's first block, plus its rank among the
+    # expert's pairs. Skipped pairs get the slot past the end, which the gathers below drop or read as zero.
+    expert_of_sorted = jnp.minimum(flat[order], num_experts - 1)
+    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert_of_sorted]
+    slot_of_sorted = jnp.where(skipped[order], max_blocks * block, starts[expert_of_sorted] * block + rank)
+    slot = jnp.zeros(pairs, jnp.int32).at[order].set(slot_of_sorted)
+    token_of_slot = jnp.zeros(max_blocks * block, jnp.int32).at[slot].set(jnp.arange(pairs) // top_k, mode="drop")
+    xs = jnp.take(x, token_of_slot, axis=0).reshape(max_blocks, block, hidden)
     j = jnp.arange(max_blocks)
     e = jnp.minimum(jnp.searchsorted(ends, j, side="right"), num_experts - 1)  # each block's expert
-    row = (j - (ends - blocks)[e])[:, None] * block + jnp.arange(block)  # row within its expert's pairs
-    live = (row < sizes[e][:, None]) & (j < ends[-1])[:, None]
-    pair = order[jnp.clip((jnp.cumsum(sizes) - sizes)[e][:, None] + row, 0, pairs - 1)]  # [max_blocks, block]
-    token = pair // top_k
-    scale = jnp.where(live, weights.reshape(-1)[pair], 0)
-    xs = jnp.take(x, token, axis=0)  # [max_blocks, block, H]
+    rows = jnp.clip(sizes[e] - (j - starts[e]) * block, 1, block)  # pairs in each block
+    row_class = (rows + step - 1) // step - 1  # index into the row counts step, 2 step, ..., block
+
+    def rows_of(m):
+        if m == block:
+            return ffn
+        return lambda xb, e: jnp.pad(ffn(xb[:m], e), ((0, block - m), (0, 0)))
+
+    branches = [rows_of(m) for m in range(step, block + 1, step)]
 
     def body(i, ys):
-        out = ffn(xs[i], e[i])
-        return jax.lax.dynamic_update_index_in_dim(ys, out * scale[i][:, None], i, 0)
+        out = branches[0](xs[i], e[i]) if len(branches) == 1 else jax.lax.switch(row_class[i], branches, xs[i], e[i])
+        return jax.lax.dynamic_update_index_in_dim(ys, out, i, 0)
 
-    ys = jax.lax.fori_loop(0, ends[-1], body, jnp.zeros(xs.shape, x.dtype))
-    return jnp.zeros_like(x).at[token.reshape(-1)].add(ys.reshape(-1, x.shape[-1]))
+    ys = jax.lax.fori_loop(0, ends[-1], body, jnp.zeros(xs.shape, x.dtype)).reshape(-1, hidden)
+    out = jnp.take(ys, slot, axis=0, mode="fill", fill_value=0).reshape(num_tokens, top_k, hidden)
+    return jnp.einsum("tkh,tk->th", out, weights)
 
 
 @jax.custom_vjp
@@ -201,6 +224,13 @@ def group_block(num_tokens: int, top_k: int, num_experts: int, minimum: int = 8)
     slower); per-expert arrays are read in place and blocks as small as the mean win (docs/moe-dispatch.md)."""
     mean = num_tokens * top_k // num_experts
     return int(min(128, max(minimum, 1 << max(mean, 1).bit_length() - 1)))
+
+
+def group_step(block: int) -> int:
+    """Row granularity of an expert's last ``grouped`` block: half a block from blocks of 32 rows on, else the
+    whole block. On XLA:CPU an expert's first block costs about the same from 16 to 48 rows (reading its weights
+    dominates), so finer steps gained nothing and each step's size compiles its own 64 expert branches."""
+    return block // 2 if block >= 32 else block
 
 
 def ragged(x, weights, experts, gate_proj, up_proj, down_proj):

@@ -12,10 +12,13 @@ Variants, each adding one change to the previous:
   per-layer     the layers unrolled on per-layer arrays (views of the stacks); the experts still sliced
   expert views  each expert an array of its own (a view), applied by a lax.switch branch
   prompt cache  prefill only: into a cache as long as the prompt, grown afterwards (attention over 512 slots)
+  last blocks   prefill only: an expert's last grouped block cut to 32 rows where its pairs fit, instead of a
+                whole block of 64 (``moe.group_step``); every variant before it pads whole blocks
 lm_head: the [8, 896] rows times the weight kept as a [896, vocab] kernel, or as HF's [vocab, 896].
 """
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -25,11 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen2_jax import moe
 from qwen2_jax.cache import KVCache
 from qwen2_jax.config import load_config
 from qwen2_jax.model import init_random
 
-VARIANTS = ("before", "dispatch", "per-layer", "expert views", "prompt cache")
+VARIANTS = ("before", "dispatch", "per-layer", "expert views", "prompt cache", "last blocks")
+
+
+@contextlib.contextmanager
+def whole_blocks(on: bool):
+    """Traces ``grouped`` as it was before ``moe.group_step``: every block padded to the whole block."""
+    step = moe.group_step
+    if on:
+        moe.group_step = lambda block: block
+    try:
+        yield
+    finally:
+        moe.group_step = step
 
 
 def before_impl(tokens):
@@ -48,7 +64,7 @@ def main():
     sliced = tuple(p[:4] + (None,) for p in views)  # the same per-layer arrays without the per-expert ones
     rng = np.random.default_rng(0)
 
-    def forward_fn(batch, tokens, slots, impl, stacked, layer_params):
+    def forward_fn(batch, tokens, slots, impl, stacked, layer_params, padded=True):
         @jax.jit
         def run(params, layer_params, cache, ids):
             out = nnx.merge(graphdef, params).forward(ids, cache=cache, last_only=True, moe_impl=impl,
@@ -59,7 +75,11 @@ def main():
         if tokens == 1:  # a decode step after a 128-token prompt
             cache = dataclasses.replace(cache, valid=cache.valid.at[:, :129].set(True), index=jnp.int32(128))
         ids = jnp.asarray(rng.integers(100, cfg.vocab_size, (batch, tokens)), jnp.int32)
-        return lambda: jax.block_until_ready(run(params, layer_params, cache, ids))
+        def call():
+            with whole_blocks(padded):  # matters only while run traces (its first call)
+                return jax.block_until_ready(run(params, layer_params, cache, ids))
+
+        return call
 
     cases = {}
     for b in (1, 8):
@@ -67,12 +87,13 @@ def main():
         cases[f"decode step, batch {b}"] = {"before": step(before_impl(b), False, None),
                                             "dispatch": step("auto", True, None), "per-layer": step("auto", True, sliced),
                                             "expert views": step("auto", True, views)}
-    prefill = lambda slots, impl, stacked, lp: forward_fn(1, 512, slots, impl, stacked, lp)
+    prefill = lambda slots, impl, stacked, lp, padded=True: forward_fn(1, 512, slots, impl, stacked, lp, padded)
     cases["prefill, 512 tokens"] = {"before": prefill(1024, before_impl(512), False, None),
                                     "dispatch": prefill(1024, "auto", True, None),
                                     "per-layer": prefill(1024, "auto", True, sliced),
                                     "expert views": prefill(1024, "auto", True, views),
-                                    "prompt cache": prefill(512, "auto", True, views)}
+                                    "prompt cache": prefill(512, "auto", True, views),
+                                    "last blocks": prefill(512, "auto", True, views, padded=False)}
     x = jnp.asarray(rng.standard_normal((8, cfg.hidden_size)), jnp.float32)
     weight = model.lm_head.weight[...]
     kernel = jnp.asarray(np.ascontiguousarray(np.asarray(weight).T))

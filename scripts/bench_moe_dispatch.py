@@ -3,10 +3,12 @@ expert size 640) across token counts, and prints the markdown table kept in docs
 
     python scripts/bench_moe_dispatch.py [--dtype float32] [--tokens 1,8,64,512] [--repeats 20]
     python scripts/bench_moe_dispatch.py --per-expert --impls loop --blocks 1,2,4,8,16,32,64,128
+    python scripts/bench_moe_dispatch.py --per-expert --impls grouped --blocks 64:64,64:32,64:16 --tokens 512
 
 ``--per-expert`` gives the experts as per-expert arrays (views of the stacks, as generation does on XLA:CPU),
 which only ``loop`` and ``grouped`` take; ``--blocks`` adds a ``grouped`` column per block size (sizes far
-from the mean pairs per expert, below an eighth of it or above twice it, are skipped).
+from the mean pairs per expert, below an eighth of it or above twice it, are skipped), ``B:S`` one with
+an expert's last block cut to a multiple of ``S`` rows (``moe.group_step``'s choice without it).
 """
 
 import argparse
@@ -41,7 +43,7 @@ def main():
     ap.add_argument("--impls", default=",".join(moe.IMPLEMENTATIONS))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--per-expert", action="store_true")
-    ap.add_argument("--blocks", default="", help="grouped block sizes to time, e.g. 1,2,4,8")
+    ap.add_argument("--blocks", default="", help="grouped block sizes to time, e.g. 1,2,4,8 or 64:32 (block:step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cfg = load_config(args.config)
@@ -53,7 +55,7 @@ def main():
     down = (jax.random.normal(key[2], (e, i, h)) * 0.02).astype(dtype)
     if args.per_expert:
         gate, up, down = (views.slices(w) for w in (gate, up, down))
-    blocks = [int(b) for b in args.blocks.split(",") if b]
+    blocks = [b for b in args.blocks.split(",") if b]
     impls = args.impls.split(",") + [f"grouped/{b}" for b in blocks]
     rows = []
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} dtype={args.dtype} "
@@ -68,20 +70,22 @@ def main():
         ms = {}
         mean = t * k / e
         for m in impls:
-            block = int(m.split("/")[1]) if "/" in m else None
+            block, step = (int(n) for n in (m.split("/")[1] + ":0").split(":")[:2]) if "/" in m else (None, 0)
             if (m == "gather" and 3 * t * k * h * i * dtype.itemsize > 2e9) or (
                     block and not mean / 8 <= block <= max(2, 2 * mean)):
                 ms[m] = float("nan")  # gather: it would materialise over 2 GB of gathered weights
                 continue
             if block:
-                fn = jax.jit(lambda x, w, idx, g, u, d, b=block: moe.grouped(x, w, idx, g, u, d, block=b))
+                fn = jax.jit(lambda x, w, idx, g, u, d, b=block, s=step or None:
+                             moe.grouped(x, w, idx, g, u, d, block=b, step=s))
             else:
                 fn = jax.jit(lambda *a, m=m: moe.dispatch(*a, impl=m))
             ms[m] = 1e3 * time_fn(fn, (x, w, idx, gate, up, down), args.repeats)
         best = min((m for m in ms if ms[m] == ms[m]), key=ms.get)
         auto = moe.choose(t, k, e, per_expert=args.per_expert)
         if auto == "grouped":
-            auto += f"/{moe.group_block(t, k, e, minimum=2 if args.per_expert else 8)}"
+            block = moe.group_block(t, k, e, minimum=2 if args.per_expert else 8)
+            auto += f"/{block}:{moe.group_step(block)}"
         rows.append({"tokens": t, **ms, "fastest": best, "auto": auto})
         print(f"| {t} | " + " | ".join(f"{ms[m]:.2f}" for m in impls) + f" | {best} | {auto} |", flush=True)
     if args.json:

@@ -3,9 +3,11 @@ time should not grow with depth). Nothing is allocated: the forward is lowered o
 
     python scripts/compile_time.py [--layers 7,28] [--seq 128]
     python scripts/compile_time.py --decode --layers 7,14 --batch 1    # generation's decode step on XLA:CPU
+    python scripts/compile_time.py --prefill --layers 7 --seq 512      # generation's prefill on XLA:CPU
 
 ``--decode``: one decode step against a 256-slot cache as generation runs it on XLA:CPU, the layers unrolled
-on per-layer and per-expert arrays (``layer_params``), which does grow with depth.
+on per-layer and per-expert arrays (``layer_params``), which does grow with depth. ``--prefill``: the same
+forward over ``--seq`` tokens into a cache as long as the prompt, with the last position's logits.
 """
 
 import argparse
@@ -38,16 +40,16 @@ def compile_seconds(cfg, batch, seq, dtype):
     return t1 - t0, t2 - t1
 
 
-def compile_decode_seconds(cfg, batch, slots, dtype):
+def compile_generation_seconds(cfg, batch, tokens, slots, dtype):
     graphdef, params = nnx.split(abstract_model(cfg, dtype=dtype))
     layer_params = jax.eval_shape(lambda p: nnx.merge(graphdef, p).model.layers.per_layer_params(), params)
     cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, slots, dtype=dtype))
 
     @jax.jit
     def step(params, layer_params, cache, ids):
-        return nnx.merge(graphdef, params).forward(ids, cache=cache, layer_params=layer_params).logits
+        return nnx.merge(graphdef, params).forward(ids, cache=cache, last_only=True, layer_params=layer_params).logits
 
-    ids = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
     t0 = time.perf_counter()
     lowered = step.lower(params, layer_params, cache, ids)
     t1 = time.perf_counter()
@@ -65,14 +67,20 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--decoder-sparse-step", type=int, default=None, help="mix dense and sparse layers")
     ap.add_argument("--decode", action="store_true", help="generation's unrolled decode step instead")
+    ap.add_argument("--prefill", action="store_true", help="generation's unrolled prefill of --seq tokens instead")
     args = ap.parse_args()
     base = load_config(args.config)
     if args.decoder_sparse_step:
         base = base.replace(decoder_sparse_step=args.decoder_sparse_step)
     print(f"backend={jax.default_backend()} jax={jax.__version__} batch={args.batch} seq={args.seq} dtype={args.dtype} decoder_sparse_step={base.decoder_sparse_step}")
     print("| layers | trace+lower (s) | compile (s) | total (s) |\n|---:|---:|---:|---:|")
-    measure = (lambda cfg, seq: compile_decode_seconds(cfg, args.batch, 256, jnp.dtype(args.dtype))) if args.decode \
-        else (lambda cfg, seq: compile_seconds(cfg, args.batch, seq, jnp.dtype(args.dtype)))
+    dtype = jnp.dtype(args.dtype)
+    if args.decode:
+        measure = lambda cfg, seq: compile_generation_seconds(cfg, args.batch, 1, 256, dtype)
+    elif args.prefill:
+        measure = lambda cfg, seq: compile_generation_seconds(cfg, args.batch, seq, seq, dtype)
+    else:
+        measure = lambda cfg, seq: compile_seconds(cfg, args.batch, seq, dtype)
     measure(base.replace(num_hidden_layers=1), 8)  # warm JAX up first
     totals = {}
     for n in (int(s) for s in args.layers.split(",")):

@@ -65,11 +65,32 @@ def test_grouped_blocks_of_any_size_equal_dense(block):
                                np.asarray(moe.dense(*args)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block,step", [(8, 2), (16, 4), (12, 3), (8, 8)])
+def test_grouped_last_blocks_cut_to_a_multiple_of_step_equal_dense(block, step):
+    # 40 tokens x 3 over 8 experts: experts of every size class, some with a full block and a partial one.
+    args = _inputs(40, seed=1)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda *a: moe.grouped(*a, block=block, step=step))(*args)),
+                               np.asarray(moe.dense(*args)), rtol=1e-5, atol=1e-5)
+    per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in args[3:]]
+    np.testing.assert_allclose(np.asarray(moe.grouped(*args[:3], *per_expert, block=block, step=step)),
+                               np.asarray(moe.dense(*args)), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_step_must_divide_the_block():
+    with pytest.raises(ValueError, match="step 3 does not divide block 8"):
+        moe.grouped(*_inputs(4), block=8, step=3)
+
+
+def test_group_step_is_half_a_block_from_32_rows_on():
+    assert [moe.group_step(b) for b in (2, 8, 16, 32, 64, 128)] == [2, 8, 16, 16, 32, 64]
+
+
 def test_grouped_skips_out_of_range_experts_like_the_others():
     x, weights, idx, g, u, d = _inputs(6, experts=8, top_k=2)
-    idx = idx.at[0, 1].set(8).at[3, 0].set(8)  # an expert on another shard (see sharding.expert_parallel)
-    np.testing.assert_allclose(np.asarray(moe.grouped(x, weights, idx, g, u, d)),
-                               np.asarray(moe.dense(x, weights, idx, g, u, d)), rtol=1e-5, atol=1e-6)
+    idx = idx.at[0, 1].set(8).at[3, 0].set(-1)  # an expert on another shard (see sharding.expert_parallel)
+    for block, step in ((None, None), (4, 2)):
+        np.testing.assert_allclose(np.asarray(moe.grouped(x, weights, idx, g, u, d, block=block, step=step)),
+                                   np.asarray(moe.dense(x, weights, idx, g, u, d)), rtol=1e-5, atol=1e-6)
 
 
 def test_grouped_gradient_is_dense_gradient():
