@@ -114,6 +114,10 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
     return metadata
 
 
+# A parameter the layout lacks or does not know is what a checkpoint converted by another release looks like.
+RECONVERT = f"; if another qwen2-jax version converted it, convert it again with this one ({qwen2_jax.__version__})"
+
+
 def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = None) -> dict:
     """The parameter tree of the converted checkpoint at ``path`` as a nested dict of ``jax.Array`` of ``dtype``.
 
@@ -132,7 +136,7 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
         expected.add(p.path)
         name = "/".join(p.path)
         if p.path not in stored:
-            raise CheckpointError(f"{directory}: missing parameter {name} (expected shape {list(shape)})")
+            raise CheckpointError(f"{directory}: missing parameter {name} (expected shape {list(shape)}){RECONVERT}")
         if stored[p.path][0] != shape:
             raise CheckpointError(f"{directory}: parameter {name} has shape {list(stored[p.path][0])}, expected "
                                   f"{list(shape)} from config.json")
@@ -143,7 +147,8 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
         node[p.path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     extra = sorted(set(stored) - expected)
     if extra:
-        raise CheckpointError(f"{directory}: unexpected parameter {'/'.join(extra[0])} (not used by config.json)")
+        raise CheckpointError(f"{directory}: unexpected parameter {'/'.join(extra[0])} (not used by config.json)"
+                              f"{RECONVERT}")
     return orbax_io.restore(directory, abstract)
 
 

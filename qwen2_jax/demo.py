@@ -9,6 +9,7 @@ one a real checkpoint takes: tokenizer, chat template, ``from_pretrained``, stre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import tempfile
 from . import cli_generate
 from .config import Qwen2MoeConfig
 
-DEMO_VERSION = 1  # bump when the demo checkpoint changes, so cached copies are rebuilt
+DEMO_VERSION = 1  # bump when the demo checkpoint changes other than in its parameter layout (see demo_dir)
 DEFAULT_PROMPT = "Give me a short introduction to large language models."
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -46,7 +47,22 @@ def home() -> str:
 
 
 def demo_dir() -> str:
-    return os.path.join(home(), "demo", f"v{DEMO_VERSION}")
+    """The cached checkpoint's directory, named by the demo's version and a digest of the model's parameter
+    layout: a release that stores a parameter differently builds a fresh copy instead of failing to load the
+    old one."""
+    return os.path.join(home(), "demo", f"v{DEMO_VERSION}-{layout_digest(DEMO_CONFIG)}")
+
+
+def layout_digest(cfg: Qwen2MoeConfig) -> str:
+    """Eight hex digits over every parameter's path, shape and dtype (no memory is allocated)."""
+    import jax
+    from flax import nnx
+
+    from .model import abstract_model
+
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(abstract_model(cfg)))
+    text = "\n".join(sorted(f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype}" for path, leaf in leaves))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def build(directory: str) -> str:

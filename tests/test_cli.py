@@ -205,3 +205,14 @@ def test_demo_builds_its_checkpoint_once_and_says_the_weights_are_random(tokeniz
 
     code, again, err = run_cli(capsys, "demo", "--max-new-tokens", "5")
     assert code == 0 and "building" not in err and again == out  # cached, and seeded
+
+
+def test_the_demo_cache_is_keyed_by_the_parameter_layout(tmp_path, monkeypatch):
+    # A release that stores a parameter differently (as lm_head once changed from a kernel to HF's weight)
+    # must build a fresh demo checkpoint, not fail to load the cached one.
+    monkeypatch.setenv("QWEN2_JAX_HOME", str(tmp_path))
+    directory = demo.demo_dir()
+    assert directory == demo.demo_dir()
+    assert os.path.basename(directory).startswith(f"v{demo.DEMO_VERSION}-")
+    monkeypatch.setattr(demo, "DEMO_CONFIG", demo.DEMO_CONFIG.replace(moe_intermediate_size=32))
+    assert demo.demo_dir() != directory

@@ -2,6 +2,7 @@
 bad input is refused before anything is written (one line through the CLI, nothing left on disk), and a
 conversion killed mid-way leaves nothing loadable."""
 
+import dataclasses
 import json
 import os
 import re
@@ -184,6 +185,32 @@ def test_restore_refuses_a_checkpoint_that_does_not_match_config_json(converted,
     with pytest.raises(CheckpointError, match=r"parameter model/layers/mlp/experts/gate_proj has shape "
                                               r"\[2, 8, 64, 32\], expected \[2, 8, 64, 48\] from config.json"):
         qwen2_jax.from_pretrained(copy, dtype="float32")
+
+
+AGAIN = r"; if another qwen2-jax version converted it, convert it again with this one \("
+
+
+def test_restore_names_a_parameter_the_checkpoint_lacks_and_says_to_convert_again(converted, monkeypatch):
+    # As if this release stored lm_head under another name than the release that converted the checkpoint.
+    from qwen2_jax.convert import converter
+
+    def renamed(cfg):
+        for p, shape in iter_params(cfg):
+            yield (dataclasses.replace(p, path=("lm_head", "kernel")) if p.path == ("lm_head", "weight") else p), shape
+
+    monkeypatch.setattr(converter, "iter_params", renamed)
+    with pytest.raises(CheckpointError, match=r"missing parameter lm_head/kernel \(expected shape \[\d+, \d+\]\)" + AGAIN):
+        qwen2_jax.from_pretrained(converted, dtype="float32")
+
+
+def test_restore_names_a_parameter_the_layout_does_not_know_and_says_to_convert_again(converted, monkeypatch):
+    from qwen2_jax.convert import converter
+
+    real = converter.orbax_io.stored_shapes
+    monkeypatch.setattr(converter.orbax_io, "stored_shapes",
+                        lambda d: {**real(d), ("lm_head", "kernel"): real(d)[("lm_head", "weight")]})
+    with pytest.raises(CheckpointError, match=r"unexpected parameter lm_head/kernel \(not used by config.json\)" + AGAIN):
+        qwen2_jax.from_pretrained(converted, dtype="float32")
 
 
 # ---- the output directory -----------------------------------------------------------------------------------
