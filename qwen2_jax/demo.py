@@ -54,14 +54,11 @@ def demo_dir() -> str:
 
 
 def layout_digest(cfg: Qwen2MoeConfig) -> str:
-    """Eight hex digits over every parameter's path, shape and dtype (no memory is allocated)."""
-    import jax
-    from flax import nnx
+    """Eight hex digits over every stored parameter's path and shape (``params.iter_params``, the table the
+    converter writes and ``restore_params`` checks)."""
+    from .params import iter_params
 
-    from .model import abstract_model
-
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(abstract_model(cfg)))
-    text = "\n".join(sorted(f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype}" for path, leaf in leaves))
+    text = "\n".join(f"{'/'.join(p.path)} {list(shape)}" for p, shape in iter_params(cfg))
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

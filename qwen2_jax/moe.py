@@ -191,9 +191,9 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, bloc
 
     branches = [rows_of(m) for m in range(step, block + 1, step)]
 
-    def body(i, rows):  # block i's outputs replace its inputs: one buffer, no zero-filled second one
-        out = branches[0](rows[i], e[i]) if len(branches) == 1 else jax.lax.switch(row_class[i], branches, rows[i], e[i])
-        return jax.lax.dynamic_update_index_in_dim(rows, out, i, 0)
+    def body(i, buf):  # block i's outputs replace its inputs: one buffer, no zero-filled second one
+        out = branches[0](buf[i], e[i]) if len(branches) == 1 else jax.lax.switch(row_class[i], branches, buf[i], e[i])
+        return jax.lax.dynamic_update_index_in_dim(buf, out, i, 0)
 
     ys = jax.lax.fori_loop(0, ends[-1], body, xs).reshape(-1, hidden)  # blocks past ends[-1] are never read
     out = jnp.take(ys, slot, axis=0, mode="fill", fill_value=0).reshape(num_tokens, top_k, hidden)

@@ -18,6 +18,11 @@ def _inputs(tokens, experts=8, top_k=3, hidden=16, inner=8, seed=0, dtype=jnp.fl
     return x, weights.astype(dtype), idx, *w
 
 
+def _per_expert(*stacks):
+    """Stacked expert weights as per-expert arrays, as generation gives them on XLA:CPU."""
+    return [tuple(w[e] for e in range(w.shape[0])) for w in stacks]
+
+
 @pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "ragged"])
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_implementation_equals_dense_reference(impl, tokens):
@@ -71,7 +76,7 @@ def test_grouped_last_blocks_cut_to_a_multiple_of_step_equal_dense(block, step):
     args = _inputs(40, seed=1)
     np.testing.assert_allclose(np.asarray(jax.jit(lambda *a: moe.grouped(*a, block=block, step=step))(*args)),
                                np.asarray(moe.dense(*args)), rtol=1e-5, atol=1e-5)
-    per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in args[3:]]
+    per_expert = _per_expert(*args[3:])
     np.testing.assert_allclose(np.asarray(moe.grouped(*args[:3], *per_expert, block=block, step=step)),
                                np.asarray(moe.dense(*args)), rtol=1e-5, atol=1e-5)
 
@@ -120,7 +125,7 @@ def test_unknown_implementation_is_refused():
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_per_expert_arrays_equal_the_stacked_weights(impl, tokens):
     x, weights, idx, g, u, d = _inputs(tokens)
-    per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in (g, u, d)]
+    per_expert = _per_expert(g, u, d)
     want = moe.dispatch(x, weights, idx, g, u, d, impl="dense")
     got = jax.jit(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl=impl))(x, per_expert)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -129,7 +134,7 @@ def test_per_expert_arrays_equal_the_stacked_weights(impl, tokens):
 
 def test_per_expert_arrays_are_refused_by_the_stacked_only_implementations():
     x, weights, idx, g, u, d = _inputs(2)
-    per_expert = [tuple(w[e] for e in range(w.shape[0])) for w in (g, u, d)]
+    per_expert = _per_expert(g, u, d)
     with pytest.raises(ValueError, match="'gather' takes stacked expert weights"):
         moe.dispatch(x, weights, idx, *per_expert, impl="gather")
     with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):

@@ -391,11 +391,6 @@ def test_restoring_into_a_state_of_another_structure_is_refused_in_one_line(tmp_
     assert "missing" in _one_line(e)
 
 
-if __name__ == "__main__":  # the subprocess of the 8-device test: prints the loss curve as JSON
-    if sys.argv[1] == "curve":
-        print(json.dumps(loss_curve(sys.argv[2], sys.argv[3])))
-
-
 def test_weight_decay_masks_biases_and_norm_scales_only():
     params = {"model": {"norm": {"weight": 0}, "layers": {"input_layernorm": {"weight": 0},
                                                           "self_attn": {"q_proj": {"kernel": 0, "bias": 0}}},
@@ -406,3 +401,8 @@ def test_weight_decay_masks_biases_and_norm_scales_only():
                                                                    "self_attn": {"q_proj": {"kernel": True, "bias": False}}},
                               "embed_tokens": {"embedding": True}},
                     "lm_head": {"weight": True}}
+
+
+if __name__ == "__main__":  # the subprocess of the 8-device test: prints the loss curve as JSON
+    if sys.argv[1] == "curve":
+        print(json.dumps(loss_curve(sys.argv[2], sys.argv[3])))
