@@ -12,6 +12,11 @@ are copies (the same values; only the memory differs).
 
 from __future__ import annotations
 
+import atexit
+import gc
+import time
+import weakref
+
 import jax
 import numpy as np
 
@@ -25,6 +30,30 @@ class _Rows:
         self.stack = stack  # the views' buffers are this array's: keep it alive while any view is
         self.__array_interface__ = {"data": (stack.unsafe_buffer_pointer(), False), "shape": stack.shape,
                                     "typestr": np.dtype(stack.dtype).str, "version": 3}
+        self.views: list[weakref.ref] = []
+        _LIVE.add(self)
+
+
+_LIVE: "weakref.WeakSet[_Rows]" = weakref.WeakSet()  # a _Rows lives until every view of it is released
+
+
+@atexit.register
+def _release_before_exit(timeout_s: float = 5.0) -> None:
+    """Releases every view while the interpreter can still run Python. A view's buffer lets go of its numpy
+    rows from an XLA thread, which takes the GIL; during interpreter shutdown that thread is stopped mid-way and
+    the process aborts ("terminate called without an active exception"; 2 exits in 4 of
+    ``scripts/bench_moe_dispatch.py --per-expert --impls grouped --tokens 512``, whose views were already out
+    of scope). So: delete the views still held, then wait, the GIL released, until the releases have run."""
+    gc.collect()
+    for rows in list(_LIVE):
+        for ref in rows.views:
+            view = ref()
+            if view is not None and not view.is_deleted():
+                view.delete()
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    while len(_LIVE) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def can_alias(stack: jax.Array) -> bool:
@@ -41,8 +70,10 @@ def slices(stack: jax.Array) -> tuple[jax.Array, ...]:
     """``(stack[0], stack[1], ...)``, sharing ``stack``'s memory where ``can_alias(stack)``."""
     if not can_alias(stack):
         return tuple(stack[i] for i in range(stack.shape[0]))
-    host = np.asarray(_Rows(stack))  # a writable ndarray over the buffer, as DLPack export requires
+    rows = _Rows(stack)
+    host = np.asarray(rows)  # a writable ndarray over the buffer, as DLPack export requires
     views = tuple(jax.dlpack.from_dlpack(host[i]) for i in range(stack.shape[0]))
+    rows.views = [weakref.ref(v) for v in views]
     if views and views[0].unsafe_buffer_pointer() != stack.unsafe_buffer_pointer():  # imported as a copy
         return tuple(stack[i] for i in range(stack.shape[0]))
     return views
