@@ -35,6 +35,12 @@ def time_fn(fn, args, repeats):
     return float(np.median(times))
 
 
+def computed_rows(sizes, block: int, step: int) -> int:
+    """Rows ``grouped`` multiplies for experts with ``sizes`` pairs: whole blocks, the last cut to ``step``."""
+    full, rest = np.divmod(sizes, block)
+    return int((full * block + -(-rest // step) * step).sum())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=QUARTER)
@@ -57,7 +63,7 @@ def main():
         gate, up, down = (views.slices(w) for w in (gate, up, down))
     blocks = [b for b in args.blocks.split(",") if b]
     impls = args.impls.split(",") + [f"grouped/{b}" for b in blocks]
-    rows = []
+    rows, routing = [], []
     print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} dtype={args.dtype} "
           f"E={e} top_k={k} H={h} I={i}")
     print("| tokens | " + " | ".join(f"{m} (ms)" for m in impls) + " | fastest | auto picks |")
@@ -88,6 +94,11 @@ def main():
             auto += f"/{block}:{moe.group_step(block)}"
         rows.append({"tokens": t, **ms, "fastest": best, "auto": auto})
         print(f"| {t} | " + " | ".join(f"{ms[m]:.2f}" for m in impls) + f" | {best} | {auto} |", flush=True)
+        sizes = np.bincount(np.asarray(idx).reshape(-1), minlength=e)
+        routing.append(f"{t} tokens: {t * k} pairs, {sizes.min()} to {sizes.max()} per expert; rows computed with "
+                       + ", ".join(f"{b}:{s} blocks {computed_rows(sizes, int(b), int(s))}"
+                                   for b, s in (m.split("/")[1].split(":") for m in impls if ":" in m)))
+    print("\n".join(["", "routing (rows computed: pairs plus padding):"] + routing))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
