@@ -15,6 +15,7 @@ COMMANDS = {
     "chat": ("qwen2_jax.cli_generate", "multi-turn terminal chat (/reset clears history; Ctrl-C stops an answer)"),
     "convert": ("qwen2_jax.convert.cli", "convert a Hugging Face safetensors checkpoint to Orbax"),
     "bench": ("qwen2_jax.bench", "benchmark the JAX port against transformers on the same weights"),
+    "aot": ("qwen2_jax.aot", "compile a step for an H200, H100 or TPU slice without one and read what it moves"),
 }
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        if args.command != "convert":
+        if args.command not in ("convert", "aot"):
             enable_compilation_cache()
         return int(module.run(args.command, args) or 0)
     except (ConfigError, CheckpointError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:

@@ -1,0 +1,330 @@
+"""``qwen2-jax aot``: compile what ``generate`` runs for an accelerator this machine does not have, and read
+what the compiled step moves through memory.
+
+XLA compiles for an H200, an H100 or a TPU slice without one: a compile-only CUDA topology from a GPU target
+config (``qwen2_jax/targets/``, needs the ``jax-cuda13-plugin``/``-pjrt`` wheels of the ``aot`` extra) and a
+deviceless TPU topology (``libtpu``). The function compiled is the real jitted one, on abstract arguments
+placed as ``generate`` places them: the decode loop by default (its body is one step), the prefill with
+``--prompt-len``. Nothing is allocated.
+
+From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
+one step), ``weight_copy_bytes``, ``kernels_per_step`` and the collectives; from ``memory_analysis()`` the
+argument and temporary bytes and whether it fits; and ``roofline_bytes``, what the step must read: the
+non-expert weights, the experts the batch can touch, and the KV cache.
+
+    qwen2-jax aot --target h200 --batch 1 --json -
+    qwen2-jax aot --target v5p-8 --mesh expert=4 --batch 64
+    qwen2-jax aot --target h200 --prompt-len 2048 --dump-hlo /tmp/hlo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+TARGETS_DIR = os.path.join(os.path.dirname(__file__), "targets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    platform: str  # "cuda" | "tpu"
+    topology: str
+    hbm_bytes: int  # per device (GPU: the target config's memory; TPU: what XLA:TPU lets a program use)
+    bandwidth: float  # bytes/s per device, for the estimate of tokens/s
+    config_file: str | None = None
+
+
+TARGETS = {
+    "h200": Target("h200", "cuda", "1x1x1", 150_754_820_096, 4.8e12, "h200.gpu_target_config.txtpb"),
+    "h100": Target("h100", "cuda", "1x1x1", 85_520_809_984, 3.35e12, "h100.gpu_target_config.txtpb"),
+    "v5p-8": Target("v5p-8", "tpu", "v5p:2x2x1", int(95.74 * 2**30), 2.765e12),
+    "v5e-8": Target("v5e-8", "tpu", "v5e:2x4", int(15.75 * 2**30), 8.19e11),
+    "v6e-8": Target("v6e-8", "tpu", "v6e:2x4", int(31.25 * 2**30), 1.64e12),
+}
+
+
+class AotError(ValueError):
+    """A target this environment cannot compile for, or arguments it cannot compile; one line."""
+
+
+def _environment() -> None:
+    # A deviceless compile: jax itself stays on the CPU; libtpu must not look for a TPU or its metadata server.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+
+
+def devices(target: Target) -> list:
+    """The target's devices, from a compile-only topology."""
+    _environment()
+    from jax.experimental import topologies
+
+    try:
+        if target.platform == "cuda":
+            with open(os.path.join(TARGETS_DIR, target.config_file)) as f:
+                config = f.read()
+            topo = topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=config)
+        else:
+            topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+    except Exception as e:  # noqa: BLE001 - which exception a missing plugin raises differs by jax version
+        extra = "jax-cuda13-plugin and jax-cuda13-pjrt" if target.platform == "cuda" else "libtpu (jax[tpu])"
+        raise AotError(f"target {target.name}: cannot make its compile-only topology ({_first_line(e)}); install "
+                       f"the aot extra (pip install 'qwen2-jax[aot]', which brings {extra} for this jax)") from None
+    return list(topo.devices)
+
+
+@dataclasses.dataclass
+class Request:
+    target: str = "h200"
+    mesh: str | None = None
+    batch: int = 1
+    prompt_len: int | None = None  # None: the decode step; else the prefill of prompts this long
+    cache_len: int = 4096
+    dtype: str = "bfloat16"
+    config: str = "qwen2-57b-a14b-instruct"
+
+
+def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_device: int, cache_len: int,
+                   kv_heads_per_device: int) -> int:
+    """What one device must read in a step: its share of every weight but the routed experts and the
+    embedding table (of which it reads ``tokens`` rows), its shares of the experts the step's tokens can
+    touch (at most tokens x top-k per layer, at most the experts it holds), and its share of the KV cache."""
+    from .params import iter_params
+
+    total = 0
+    for p, shape in iter_params(cfg):
+        local = shardings[p.path].shard_shape(shape)
+        nbytes = math.prod(local) * itemsize
+        if "experts" in p.axes:
+            e_axis = p.axes.index("experts")
+            local_experts = local[e_axis]
+            touched = min(local_experts, tokens * cfg.num_experts_per_tok)
+            total += nbytes * touched // local_experts
+        elif p.path[-2:] == ("embed_tokens", "embedding"):
+            total += min(tokens, shape[0]) * shape[1] * itemsize
+        else:
+            total += nbytes
+    kv = 2 * cfg.num_hidden_layers * batch_per_device * kv_heads_per_device * cache_len * cfg.head_dim * itemsize
+    return total + kv
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
+    """Compiles the step ``req`` names for its target and returns the figures (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import importlib
+
+    gen = importlib.import_module("qwen2_jax.generate")
+    from . import hlo_cost
+    from .config import load_config
+    from .loading import resolve_dtype
+    from .model import abstract_model
+    from .params import iter_params
+    from .sampling import Sampler, row_keys
+
+    if req.target not in TARGETS:
+        raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
+    target = TARGETS[req.target]
+    cfg = load_config(req.config)
+    dtype = resolve_dtype(req.dtype)
+    itemsize = jnp.dtype(dtype).itemsize
+    devs = devices(target)
+    from .sharding import make_mesh
+    from .sharding.rules import batch_sharding, cache_shardings, param_shardings, replicated
+
+    mesh = None
+    if len(devs) > 1 or req.mesh:
+        mesh = make_mesh(req.mesh, devices=devs, cfg=cfg)
+    if mesh is not None:
+        pshard = param_shardings(cfg, mesh)
+        by_batch, rep = batch_sharding(mesh), replicated(mesh)
+    else:
+        single = jax.sharding.SingleDeviceSharding(devs[0])
+        pshard = {p.path: single for p, _ in iter_params(cfg)}
+        by_batch = rep = single
+
+    model = abstract_model(cfg, dtype=dtype)
+    model.mesh = mesh
+    graphdef, state = nnx.split(model)
+    tree: dict = {}
+    weight_leaves = []
+    for p, shape in iter_params(cfg):
+        node = tree
+        for key in p.path[:-1]:
+            node = node.setdefault(key, {})
+        node[p.path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=pshard[p.path])
+    nnx.replace_by_pure_dict(state, tree)
+    params = state
+
+    b = req.batch
+    if mesh is not None and b % mesh.shape["data"]:
+        raise AotError(f"batch {b} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    t = req.prompt_len or 16
+    max_len = req.cache_len
+    sampler = Sampler()
+    spec = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=s)
+    controls = gen.Controls(
+        temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
+        repetition_penalty=jnp.ones((b,), jnp.float32), keys=row_keys([0] * b),
+        eos_token_ids=jnp.full((2,), -1, jnp.int32), max_new_tokens=jnp.asarray(1, jnp.int32))
+    controls = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), controls)
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=by_batch)
+    mask = jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=by_batch)
+    active = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=by_batch)
+    cache_sharding = cache_shardings(cfg, mesh, b) if mesh is not None else None
+
+    # Which dispatch "auto" picks follows the backend the step runs on (this code asks jax.default_backend()).
+    from unittest import mock
+
+    backend = "gpu" if target.platform == "cuda" else "tpu"
+    start = time.perf_counter()
+    with mock.patch.object(jax, "default_backend", lambda: backend):
+        if req.prompt_len:
+            fn, args = gen._prefill_jit, (graphdef, params, None, ids, mask, active, controls)
+            kwargs = dict(sampler=sampler, max_len=max_len, cache_sharding=cache_sharding)
+            lowered = fn.lower(*args, **kwargs)
+        else:
+            abstract = jax.eval_shape(lambda p, i, m, a, c: gen._prefill(graphdef, p, None, i, m, a, c, sampler=sampler,
+                                                                         max_len=max_len), params, ids, mask, active, controls)
+            def place(path, x):
+                names = [getattr(k, "name", getattr(k, "key", "")) for k in path]
+                if names and names[0] == "cache" and mesh is not None:
+                    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(cache_sharding, names[1]))
+                s = by_batch if x.ndim >= 1 and x.shape[0] == b else rep
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            dstate = jax.tree_util.tree_map_with_path(place, abstract)
+            stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+            lowered = gen._decode_jit.lower(graphdef, params, None, dstate, controls, stop, sampler=sampler)
+    fits_error = None
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over its HBM with RESOURCE_EXHAUSTED
+        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+            raise
+        compiled, fits_error = None, _first_line(e)
+    compile_s = time.perf_counter() - start
+    result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
+                  devices=len(devs) if mesh is not None else 1, batch=b, step="prefill" if req.prompt_len else "decode",
+                  prompt_len=req.prompt_len, cache_len=max_len, dtype=req.dtype, config=req.config,
+                  compile_s=round(compile_s, 1))
+    kv_heads = cfg.num_key_value_heads
+    if mesh is not None and cfg.num_key_value_heads % mesh.shape["tensor"] == 0:
+        kv_heads //= mesh.shape["tensor"]
+    per_dev_batch = b // (mesh.shape["data"] if mesh is not None else 1)
+    tokens = b * (req.prompt_len or 1)
+    result["roofline_bytes"] = roofline_bytes(cfg, pshard, itemsize, tokens, per_dev_batch,
+                                              req.prompt_len if req.prompt_len else max_len, kv_heads)
+    if compiled is None:
+        result.update(fits=False, error=fits_error)
+        return result
+    mem = compiled.memory_analysis()
+    text = compiled.as_text()
+    if dump_hlo:
+        os.makedirs(dump_hlo, exist_ok=True)
+        name = f"{target.name}-{result['step']}-b{b}" + (f"-t{req.prompt_len}" if req.prompt_len else "") + ".hlo.txt"
+        with open(os.path.join(dump_hlo, name), "w") as f:
+            f.write(text)
+    n_params = len(jax.tree.leaves(params))
+    report = hlo_cost.analyze(text, set(range(n_params)))
+    weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * itemsize for p, shape in iter_params(cfg))
+    used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    result.update(
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes, weight_bytes=weights,
+        fits=used <= target.hbm_bytes, hbm_bytes=target.hbm_bytes,
+        bytes_per_step=int(report.bytes), weight_copy_bytes=int(report.weight_copy_bytes),
+        kernels_per_step=int(report.count), unknown_trip_loops=report.unknown_trip_loops,
+        collectives=report.collectives)
+    result["x_roofline"] = round(result["bytes_per_step"] / result["roofline_bytes"], 3)
+    result["est_step_ms"] = round(result["bytes_per_step"] / target.bandwidth * 1e3, 2)
+    result["est_tokens_per_s"] = round(b / (result["bytes_per_step"] / target.bandwidth), 1) if not req.prompt_len else None
+    result["top_kernels"] = [dict(name=k.name, kind=k.kind, bytes=int((k.read + k.written) * k.runs), runs=k.runs)
+                             for k in report.top(8)]
+    return result
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+COLUMNS = [("target", "{}"), ("mesh", "{}"), ("step", "{}"), ("batch", "{}"), ("argument_bytes", "GB"),
+           ("temp_bytes", "GB"), ("fits", "{}"), ("bytes_per_step", "GB"), ("roofline_bytes", "GB"),
+           ("x_roofline", "{}"), ("weight_copy_bytes", "GB"), ("kernels_per_step", "{}"), ("collectives", "n"),
+           ("est_tokens_per_s", "{}"), ("compile_s", "{}")]
+
+
+def format_table(results: list[dict]) -> str:
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if v is None:
+            return "-"
+        if fmt == "GB":
+            return f"{v / 1e9:.2f}"
+        if fmt == "n":
+            return str(int(sum(c["count"] for c in v)))
+        return fmt.format(v)
+
+    header = [k for k, _ in COLUMNS]
+    rows = [[cell(r, k, f) for k, f in COLUMNS] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    out = [line(header)] + [line(row) for row in rows]
+    for r in results:
+        if r.get("error"):
+            out.append(f"{r['target']} batch {r['batch']}: does not fit: {r['error']}")
+    out.append("(GB = 1e9 bytes, per device; est_tokens_per_s = batch / (bytes_per_step / HBM bandwidth), an estimate)")
+    return "\n".join(out)
+
+
+def add_arguments(name: str, parser) -> None:
+    parser.add_argument("--target", default="h200", choices=sorted(TARGETS), help="the accelerator to compile for")
+    parser.add_argument("--mesh", default=None, metavar="SPEC",
+                        help="device mesh over the target's devices, e.g. 'expert=4' (default: one device on a "
+                             "GPU target, the recommended mesh over all devices on a TPU slice)")
+    parser.add_argument("--batch", type=_positive, action="append", default=None,
+                        help="batch size (repeat the flag for several; default 1)")
+    parser.add_argument("--prompt-len", type=_positive, default=None, metavar="N",
+                        help="compile the prefill of N-token prompts instead of the decode step")
+    parser.add_argument("--cache-len", type=_positive, default=4096, metavar="N", help="KV cache slots (default 4096)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--config", default="qwen2-57b-a14b-instruct",
+                        help="an embedded config name or a config.json (default: the full Qwen2-57B-A14B)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
+    parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each optimized HLO text to DIR")
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def run(name, args) -> int:
+    results = [compile_step(Request(target=args.target, mesh=args.mesh, batch=b, prompt_len=args.prompt_len,
+                                    cache_len=args.cache_len, dtype=args.dtype, config=args.config),
+                            dump_hlo=args.dump_hlo)
+               for b in (args.batch or [1])]
+    if args.json == "-":
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0

@@ -1,0 +1,434 @@
+"""What a compiled XLA program moves through memory, read from its optimized HLO text.
+
+A kernel is what runs on the device: a fusion, a custom call (a cuBLAS gemm, a Pallas kernel), a copy, a
+collective, or an unfused op. For each one this counts the bytes it reads and writes:
+
+- a fusion reads each operand in full, except where every use inside it is a (dynamic-)slice or gather: then
+  only the sliced bytes (a weight picked out of a larger array in place); an operand updated in place by a
+  dynamic-update-slice is not read, and only the update is written;
+- loops weigh their bodies by the trip count XLA annotated; a loop without one (a data-dependent
+  ``while_loop``, such as the decode loop itself) counts as one trip, and ``unknown_trip_loops`` says how
+  many there were; a conditional counts its most expensive branch.
+
+``weight_copy_bytes`` is what kernels that read a weight (an entry parameter named in ``weight_params``)
+write without computing on it (no dot, convolution or reduction inside): copies, transposes, gathers,
+concatenations and casts of weights, each a temporary the step then reads again.
+
+Per-device: under SPMD the HLO holds each device's shard, so every figure is one device's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import Counter
+
+DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
+    "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
+    "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e3m4": 1, "f8e8m0fnu": 1, "f4e2m1fn": 0.5, "token": 0,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) (\(.*\)) -> (.*) \{$")
+_INSTR = re.compile(r"^\s+(ROOT )?%?([\w.\-]+) = (.*)$")
+_COMMENT = re.compile(r"/\*.*?\*/")
+_CALLS = re.compile(r"\b(calls|body|condition|to_apply|branch_computations|async_execution_thread)=([^,]*(?:\{[^}]*\})?)")
+
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
+        "opt-barrier", "partition-id", "replica-id", "domain", "all-reduce-done", "all-gather-done",
+        "collective-permute-done", "copy-done", "async-done", "async-update", "send-done", "recv-done"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+               "ragged-all-to-all", "collective-broadcast")
+COMPUTE = {"dot", "convolution", "reduce", "reduce-window", "sort", "ragged-dot", "scaled-dot", "select-and-scatter"}
+SLICING = {"slice", "dynamic-slice", "gather"}
+PASS_THROUGH = {"bitcast", "reshape", "get-tuple-element"}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of every array in a shape string (a tuple sums its elements)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * DTYPE_BYTES[dtype]
+    return int(total)
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+    root: bool
+
+    def calls(self, key: str | None = None) -> list[str]:
+        out = []
+        for k, v in _CALLS.findall(self.attrs):
+            if key is None or k == key:
+                out += [c.strip().lstrip("%") for c in v.strip("{}").split(",") if c.strip()]
+        return out
+
+    def attr(self, key: str) -> str | None:
+        m = re.search(rf"\b{key}=%?([\w.\-]+)", self.attrs)
+        return m.group(1) if m else None
+
+    @property
+    def bytes(self) -> int:
+        return shape_bytes(self.shape)
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    entry: bool
+    instrs: list[Instr]
+
+    def __post_init__(self):
+        self.by_name = {i.name: i for i in self.instrs}
+        self.params = {_param_index(i): i.name for i in self.instrs if i.opcode == "parameter"}
+        self.root = next((i for i in self.instrs if i.root), self.instrs[-1] if self.instrs else None)
+        self.users: dict[str, list[Instr]] = {}
+        for i in self.instrs:
+            for o in i.operands:
+                self.users.setdefault(o, []).append(i)
+
+
+def _param_index(instr: Instr) -> int:
+    return int(instr.operands[0]) if instr.operands and instr.operands[0].isdigit() else 0
+
+
+def _split_top(text: str) -> list[str]:
+    out, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        out.append("".join(cur))
+    return [s.strip() for s in out if s.strip()]
+
+
+def _matching(text: str, start: int) -> int:
+    """Index of the bracket closing the one at ``start``."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "([{":
+            depth += 1
+        elif text[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced brackets in HLO: {text[:120]}")
+
+
+def _parse_instr(line: str) -> Instr | None:
+    m = _INSTR.match(_COMMENT.sub("", line))
+    if not m:
+        return None
+    root, name, rest = bool(m.group(1)), m.group(2), m.group(3)
+    if rest.startswith("("):
+        end = _matching(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    op = re.match(r"([\w\-]+)\(", rest)
+    if not op:
+        return None
+    opcode = op.group(1)
+    start = op.end() - 1
+    end = _matching(rest, start)
+    args, attrs = rest[start + 1:end], rest[end + 1:]
+    if opcode == "constant":
+        operands = []
+    elif opcode == "parameter":
+        operands = [args.strip()]
+    else:
+        operands = [a.split()[-1].lstrip("%") for a in _split_top(args)]
+    return Instr(name, shape, opcode, operands, attrs, root)
+
+
+def parse(text: str) -> dict[str, Computation]:
+    """The computations of an HLO module's text, by name."""
+    comps: dict[str, Computation] = {}
+    current: list[Instr] | None = None
+    name, entry = "", False
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                entry, name, current = bool(m.group(1)), m.group(2), []
+            continue
+        if line.startswith("}"):
+            comps[name] = Computation(name, entry, current)
+            current = None
+            continue
+        instr = _parse_instr(line)
+        if instr is not None:
+            current.append(instr)
+    return comps
+
+
+@dataclasses.dataclass
+class Kernel:
+    name: str
+    opcode: str
+    kind: str  # fusion kind, custom-call target, or the opcode
+    read: int
+    written: int
+    weight_copy: int  # bytes written that copy a weight
+    runs: float  # times per program run (loop trip counts multiplied)
+    where: str  # the computation it runs in
+
+
+@dataclasses.dataclass
+class Report:
+    kernels: list[Kernel]
+    unknown_trip_loops: int
+    collectives: list[dict]
+
+    @property
+    def bytes(self) -> float:
+        return sum((k.read + k.written) * k.runs for k in self.kernels)
+
+    @property
+    def weight_copy_bytes(self) -> float:
+        return sum(k.weight_copy * k.runs for k in self.kernels)
+
+    @property
+    def count(self) -> float:
+        return sum(k.runs for k in self.kernels)
+
+    def top(self, n: int = 10) -> list[Kernel]:
+        return sorted(self.kernels, key=lambda k: -(k.read + k.written) * k.runs)[:n]
+
+
+class Analyzer:
+    def __init__(self, text: str, weight_params: set[int] | None = None):
+        self.comps = parse(text)
+        self.entry = next(c for c in self.comps.values() if c.entry)
+        self.weight_params = set(weight_params or ())
+        self.kernels: list[Kernel] = []
+        self.collectives: Counter = Counter()
+        self.unknown = 0
+
+    # ---- data flow: which values are (views of) weights ---------------------------------------------------
+    def _origin(self, comp: Computation, name: str, params: dict, memo: dict):
+        """A frozenset of weight parameter indices (or a list of them for a tuple) that ``name`` passes on."""
+        key = (comp.name, name)
+        if key in memo:
+            return memo[key]
+        memo[key] = frozenset()
+        i = comp.by_name.get(name)
+        out = frozenset()
+        if i is None:
+            pass
+        elif i.opcode == "parameter":
+            idx = _param_index(i)
+            out = params.get(idx, frozenset())
+        elif i.opcode == "get-tuple-element":
+            src = self._origin(comp, i.operands[0], params, memo)
+            idx = int(i.attr("index") or 0)
+            out = src[idx] if isinstance(src, list) and idx < len(src) else (src if isinstance(src, frozenset) else frozenset())
+        elif i.opcode == "tuple":
+            out = [self._origin(comp, o, params, memo) for o in i.operands]
+        elif i.opcode in ("bitcast", "reshape"):
+            out = self._origin(comp, i.operands[0], params, memo)
+        memo[key] = out
+        return out
+
+    @staticmethod
+    def _flat(origin) -> frozenset:
+        if isinstance(origin, list):
+            return frozenset().union(*[Analyzer._flat(o) for o in origin]) if origin else frozenset()
+        return origin
+
+    # ---- bytes of one fusion --------------------------------------------------------------------------------
+    def _reads(self, comp: Computation, name: str, full: int, depth: int = 0) -> int:
+        """Bytes of value ``name`` (of ``full`` bytes) that computation ``comp`` reads."""
+        if depth > 20:
+            return full
+        total = 0
+        for u in comp.users.get(name, []):
+            if u.opcode in PASS_THROUGH:
+                total += self._reads(comp, u.name, full, depth + 1)
+            elif u.opcode in SLICING and u.operands[0] == name:
+                total += u.bytes
+            elif u.opcode in ("dynamic-update-slice", "scatter") and u.operands[0] == name:
+                continue  # updated in place: the buffer is the output's
+            elif u.opcode == "fusion":
+                nested = self.comps.get((u.calls("calls") or [""])[0])
+                if nested is None:
+                    return full
+                for pos, o in enumerate(u.operands):
+                    if o == name and pos in nested.params:
+                        total += self._reads(nested, nested.params[pos], full, depth + 1)
+            else:
+                return full
+            if total >= full:
+                return full
+        return min(total, full)
+
+    def _written(self, comp: Computation, instr: Instr) -> int:
+        if instr.opcode == "tuple":
+            return sum(self._written(comp, comp.by_name[o]) for o in instr.operands if o in comp.by_name)
+        if instr.opcode in ("bitcast", "reshape") and instr.operands[0] in comp.by_name:
+            return self._written(comp, comp.by_name[instr.operands[0]])
+        if instr.opcode == "dynamic-update-slice":
+            return comp.by_name[instr.operands[1]].bytes if instr.operands[1] in comp.by_name else instr.bytes
+        if instr.opcode == "scatter":
+            n = (len(instr.operands) - 1) // 2
+            return sum(comp.by_name[o].bytes for o in instr.operands[-n:] if o in comp.by_name)
+        return instr.bytes
+
+    def _computes(self, comp: Computation, depth: int = 0) -> bool:
+        for i in comp.instrs:
+            if i.opcode in COMPUTE:
+                return True
+            if i.opcode == "custom-call":
+                return True
+            if i.opcode == "fusion" and depth < 10:
+                nested = self.comps.get((i.calls("calls") or [""])[0])
+                if nested is not None and self._computes(nested, depth + 1):
+                    return True
+        return False
+
+    # ---- walking the program ------------------------------------------------------------------------------
+    def run(self) -> Report:
+        params = {i: frozenset({i}) for i in self.weight_params}
+        self._walk(self.entry, 1.0, params)
+        collectives = [dict(kind=k[0], group=k[1], bytes=k[2], count=v) for k, v in sorted(self.collectives.items())]
+        return Report(self.kernels, self.unknown, collectives)
+
+    def _walk(self, comp: Computation, runs: float, params: dict) -> None:
+        memo: dict = {}
+        for i in comp.instrs:
+            op = i.opcode
+            if op in FREE:
+                continue
+            sub_params = {pos: self._origin(comp, o, params, memo) for pos, o in enumerate(i.operands)}
+            if op == "while":
+                trip = self._trip_count(i)
+                body, cond = self.comps.get(i.attr("body") or ""), self.comps.get(i.attr("condition") or "")
+                if trip is None:
+                    self.unknown += 1
+                    trip = 1
+                carried = {0: sub_params.get(0, frozenset())}
+                if body is not None:
+                    self._walk(body, runs * trip, carried)
+                if cond is not None:
+                    self._walk(cond, runs * (trip + 1), carried)
+                continue
+            if op == "conditional":
+                branches = [self.comps[c] for c in i.calls("branch_computations") if c in self.comps]
+                if not branches:  # true_computation / false_computation form
+                    branches = [self.comps[c] for c in (i.attr("true_computation"), i.attr("false_computation"))
+                                if c in self.comps]
+                best = None
+                for pos, b in enumerate(branches):
+                    trial = Analyzer.__new__(Analyzer)
+                    trial.__dict__.update(self.__dict__, kernels=[], collectives=Counter(), unknown=0)
+                    trial._walk(b, runs, {0: sub_params.get(pos + 1, frozenset())})
+                    cost = sum((k.read + k.written) * k.runs for k in trial.kernels)
+                    if best is None or cost > best[0]:
+                        best = (cost, trial)
+                if best is not None:
+                    self.kernels += best[1].kernels
+                    self.collectives.update(best[1].collectives)
+                    self.unknown += best[1].unknown
+                continue
+            if op in ("call", "async-start") and i.calls("calls") + i.calls("to_apply"):
+                target = self.comps.get((i.calls("calls") + i.calls("to_apply"))[0])
+                if target is not None and not target.name.startswith("fused"):
+                    self._walk(target, runs, sub_params)
+                    continue
+            self._kernel(comp, i, runs, sub_params)
+
+    def _kernel(self, comp: Computation, i: Instr, runs: float, operand_origin: dict) -> None:
+        op = i.opcode
+        operands = [comp.by_name.get(o) for o in i.operands]
+        sizes = [o.bytes if o is not None else 0 for o in operands]
+        kind = op
+        computes = op in COMPUTE
+        if op == "fusion":
+            fused = self.comps.get((i.calls("calls") or [""])[0])
+            kind = i.attr("kind") or "fusion"
+            m = re.search(r'"kind":"([\w]+)"', i.attrs)
+            if m:
+                kind = m.group(1)
+            if fused is None:
+                read, written = sum(sizes), i.bytes
+            else:
+                read = sum(self._reads(fused, fused.params[p], s) for p, s in enumerate(sizes) if p in fused.params)
+                written = self._written(fused, fused.root)
+                computes = self._computes(fused)
+        elif op == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
+            kind = target.group(1) if target else "custom-call"
+            read = sum(sizes)
+            written = _first_array_bytes(i.shape) if "cublas" in kind or "cudnn" in kind else i.bytes
+            computes = True
+        elif op == "dynamic-update-slice":
+            read = written = sizes[1] if len(sizes) > 1 else i.bytes
+        elif op in ("dynamic-slice", "slice", "copy-start"):
+            read = written = _first_array_bytes(i.shape)
+        else:
+            read, written = sum(sizes), i.bytes
+        base = op.removesuffix("-start")
+        if base in COLLECTIVES:
+            self.collectives[(base, _group_size(i.attrs), sizes[0] if sizes else i.bytes)] += runs
+        from_weights = any(self._flat(operand_origin.get(p, frozenset())) for p in range(len(operands)))
+        weight_copy = written if from_weights and not computes and base not in COLLECTIVES else 0
+        self.kernels.append(Kernel(i.name, op, kind, read, written, weight_copy, runs, comp.name))
+
+    @staticmethod
+    def _trip_count(i: Instr) -> int | None:
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', i.attrs)
+        if m:
+            return int(m.group(1))
+        m = re.search(r"known_trip_count=\{n=(\d+)\}", i.attrs)
+        return int(m.group(1)) if m else None
+
+
+def _first_array_bytes(shape: str) -> int:
+    m = _ARRAY.search(shape)
+    return shape_bytes(m.group(0)) if m else 0
+
+
+def _group_size(attrs: str) -> int:
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)  # iota form [groups, size]
+    if m:
+        return int(m.group(2))
+    m = re.search(r"source_target_pairs=\{([^}]*)\}", attrs)
+    if m:
+        return len(re.findall(r"\{", m.group(1))) + 1
+    return 1
+
+
+def analyze(text: str, weight_params=None) -> Report:
+    """The kernels of the optimized HLO ``text`` with their bytes (see the module docstring)."""
+    return Analyzer(text, weight_params).run()
+
+
+def summary(report: Report) -> dict:
+    return {"bytes": report.bytes, "weight_copy_bytes": report.weight_copy_bytes, "kernels": report.count,
+            "unknown_trip_loops": report.unknown_trip_loops, "collectives": report.collectives}
+
+
+if __name__ == "__main__":  # python -m qwen2_jax.hlo_cost FILE: the summary of a dumped HLO text
+    import sys
+
+    print(json.dumps(summary(analyze(open(sys.argv[1]).read())), indent=2))
