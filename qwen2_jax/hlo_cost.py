@@ -65,6 +65,7 @@ class Instr:
     operands: list[str]
     attrs: str
     root: bool
+    literal: str = ""  # a constant's value
 
     def calls(self, key: str | None = None) -> list[str]:
         out = []
@@ -155,7 +156,7 @@ def _parse_instr(line: str) -> Instr | None:
         operands = [args.strip()]
     else:
         operands = [a.split()[-1].lstrip("%") for a in _split_top(args)]
-    return Instr(name, shape, opcode, operands, attrs, root)
+    return Instr(name, shape, opcode, operands, attrs, root, args if opcode == "constant" else "")
 
 
 def parse(text: str) -> dict[str, Computation]:
@@ -318,7 +319,7 @@ class Analyzer:
                 continue
             sub_params = {pos: self._origin(comp, o, params, memo) for pos, o in enumerate(i.operands)}
             if op == "while":
-                trip = self._trip_count(i)
+                trip = self._trip_count(i) or self._inferred_trip_count(comp, i)
                 body, cond = self.comps.get(i.attr("body") or ""), self.comps.get(i.attr("condition") or "")
                 if trip is None:
                     self.unknown += 1
@@ -398,6 +399,63 @@ class Analyzer:
             return int(m.group(1))
         m = re.search(r"known_trip_count=\{n=(\d+)\}", i.attrs)
         return int(m.group(1)) if m else None
+
+
+    def _inferred_trip_count(self, comp: Computation, i: Instr) -> int | None:
+        """XLA:TPU leaves its loops unannotated: ``i < N`` in the condition, on a tuple element that starts at a
+        constant (and, as every loop XLA makes from a scan, a fori_loop or a gather, steps by one)."""
+        cond = self.comps.get(i.attr("condition") or "")
+        if cond is None or cond.root is None:
+            return None
+        root = cond.root
+        if root.opcode == "fusion":
+            fused = self.comps.get((root.calls("calls") or [""])[0])
+            if fused is None or fused.root is None or fused.root.opcode != "compare":
+                return None
+            inner = fused.root
+            args = [_outer(fused, cond, root, o) for o in inner.operands]
+            direction = inner.attr("direction")
+        elif root.opcode == "compare":
+            args, direction = [cond.by_name.get(o) for o in root.operands], root.attr("direction")
+        else:
+            return None
+        if direction != "LT" or len(args) != 2 or None in args:
+            return None
+        counter, bound = args
+        limit = _constant(cond, bound)
+        if counter.opcode != "get-tuple-element" or limit is None:
+            return None
+        init_tuple = comp.by_name.get(i.operands[0])
+        index = int(counter.attr("index") or 0)
+        if init_tuple is None or init_tuple.opcode != "tuple" or index >= len(init_tuple.operands):
+            return None
+        start = _constant(comp, comp.by_name.get(init_tuple.operands[index]))
+        return None if start is None else max(limit - start, 0)
+
+
+def _outer(fused: Computation, comp: Computation, fusion: Instr, name: str) -> Instr | None:
+    """The instruction of ``comp`` that a fused computation's value ``name`` (a parameter) stands for."""
+    instr = fused.by_name.get(name)
+    if instr is None:
+        return None
+    if instr.opcode == "parameter":
+        pos = _param_index(instr)
+        return comp.by_name.get(fusion.operands[pos]) if pos < len(fusion.operands) else None
+    return instr
+
+
+def _constant(comp: Computation, instr: Instr | None) -> int | None:
+    """The value of an integer scalar constant (through copies and bitcasts)."""
+    for _ in range(8):
+        if instr is None:
+            return None
+        if instr.opcode in ("copy", "bitcast") and instr.operands:
+            instr = comp.by_name.get(instr.operands[0])
+            continue
+        if instr.opcode == "constant":
+            return int(instr.literal) if re.fullmatch(r"\s*-?\d+\s*", instr.literal) else None
+        return None
+    return None
 
 
 def _first_array_bytes(shape: str) -> int:
