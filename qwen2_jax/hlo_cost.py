@@ -255,14 +255,21 @@ class Analyzer:
         return origin
 
     # ---- bytes of one fusion --------------------------------------------------------------------------------
-    def _reads(self, comp: Computation, name: str, full: int, depth: int = 0) -> int:
-        """Bytes of value ``name`` (of ``full`` bytes) that computation ``comp`` reads."""
-        if depth > 20:
+    def _reads(self, comp: Computation, name: str, full: int, chain: tuple = ()) -> int:
+        """Bytes of value ``name`` (of ``full`` bytes) that computation ``comp`` reads; ``chain``: the enclosing
+        (computation, fusion) pairs when ``comp`` is a fusion nested in another."""
+        if len(chain) > 20:
             return full
         total = 0
+        instr = comp.by_name.get(name)
+        if instr is not None and instr is comp.root:
+            if not chain:
+                return full  # the value is the fusion's output: copied out whole
+            parent, fusion = chain[-1]
+            total += self._reads(parent, fusion.name, full, chain[:-1])
         for u in comp.users.get(name, []):
             if u.opcode in PASS_THROUGH:
-                total += self._reads(comp, u.name, full, depth + 1)
+                total += self._reads(comp, u.name, full, chain)
             elif u.opcode in SLICING and u.operands[0] == name:
                 total += u.bytes
             elif u.opcode in ("dynamic-update-slice", "scatter") and u.operands[0] == name:
@@ -273,7 +280,7 @@ class Analyzer:
                     return full
                 for pos, o in enumerate(u.operands):
                     if o == name and pos in nested.params:
-                        total += self._reads(nested, nested.params[pos], full, depth + 1)
+                        total += self._reads(nested, nested.params[pos], full, chain + ((comp, u),))
             else:
                 return full
             if total >= full:
