@@ -2,7 +2,7 @@
 
 Output directory::
 
-    OUT_DIR/params/          Orbax PyTree checkpoint of the stacked parameter tree (keys: ``Param.path``)
+    OUT_DIR/params/          Orbax PyTree checkpoint of the parameter tree (keys: ``Param.path``)
     OUT_DIR/config.json      copied, with generation_config.json and the tokenizer files when present
     OUT_DIR/qwen2_jax.json   source files and sizes, dtypes and shapes, qwen2-jax version
 
@@ -29,7 +29,7 @@ import qwen2_jax
 from qwen2_jax.config import Qwen2MoeConfig
 from qwen2_jax.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
 from qwen2_jax.loading import ORBAX_PARAMS
-from qwen2_jax.params import check_tensors, hf_names, iter_params, read_block
+from qwen2_jax.params import check_tensors, hf_names, iter_params, lookup, nest, read_block
 
 from . import orbax_io
 
@@ -134,11 +134,10 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
     expected = set()
     for p, shape in iter_params(cfg):
         expected.add(p.path)
-        name = "/".join(p.path)
         if p.path not in stored:
-            raise CheckpointError(f"{directory}: missing parameter {name} (expected shape {list(shape)}){RECONVERT}")
+            raise CheckpointError(f"{directory}: missing parameter {p.name} (expected shape {list(shape)}){RECONVERT}")
         if stored[p.path][0] != shape:
-            raise CheckpointError(f"{directory}: parameter {name} has shape {list(stored[p.path][0])}, expected "
+            raise CheckpointError(f"{directory}: parameter {p.name} has shape {list(stored[p.path][0])}, expected "
                                   f"{list(shape)} from config.json")
         sharding = (shardings or {}).get(p.path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         node = abstract
@@ -149,7 +148,8 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
     if extra:
         raise CheckpointError(f"{directory}: unexpected parameter {'/'.join(extra[0])} (not used by config.json)"
                               f"{RECONVERT}")
-    return orbax_io.restore(directory, abstract)
+    restored = orbax_io.restore(directory, abstract)  # keyed as stored, a layer's index a string
+    return nest((p.path, lookup(restored, p.path)) for p, _ in iter_params(cfg))
 
 
 # ---- planning -------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from qwen2_jax.config import Qwen2MoeConfig
-from qwen2_jax.params import hf_names, hf_shape, param_table, stack_layers
+from qwen2_jax.params import hf_names, hf_shape, lookup, param_table
 
 _CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -29,9 +29,8 @@ def write_hf_checkpoint(cfg: Qwen2MoeConfig, directory, *, dtype="float32", seed
     """Writes ``config.json`` and HF-named safetensors for ``cfg`` into ``directory``; returns the weight files.
 
     Weights come from ``params`` (a nested dict in this port's layout, such as
-    ``nnx.to_pure_dict(nnx.state(model))``, sliced per layer / expert and transposed back to HF's
-    ``[out, in]``) or, without it, are random: normal
-    with std 0.02, norm weights one, drawn per tensor from ``seed`` and the tensor's name (so sharding does not
+    ``nnx.to_pure_dict(nnx.state(model))``, the experts sliced out of their stacks and transposed back) or,
+    without it, are random: normal with std 0.02, norm weights one, drawn per tensor from ``seed`` and the tensor's name (so sharding does not
     change them). With ``max_shard_bytes`` the tensors are split over ``model-0000k-of-0000n.safetensors``
     files plus ``model.safetensors.index.json``, as ``save_pretrained`` does. Every file is written to a
     temporary name and renamed, so a killed run leaves no half-written file under a real name.
@@ -60,17 +59,13 @@ def write_hf_checkpoint(cfg: Qwen2MoeConfig, directory, *, dtype="float32", seed
 
 
 def _entries(cfg: Qwen2MoeConfig) -> list[tuple[str, object, tuple[int, ...]]]:
-    """(HF name, Param, index into the stack dims) for every tensor, in HF's order: embeddings, layer by
-    layer, final norm, lm_head."""
+    """(HF name, Param, index into the stack dims) for every tensor, in HF's order (the table's): embeddings,
+    layer by layer, final norm, lm_head."""
     out = []
     for p in param_table(cfg):
         names = hf_names(cfg, p)
-        layers = stack_layers(cfg, p.stack)
-        for idx in np.ndindex(names.shape):
-            layer = layers[idx[0]] if p.stack else (-1 if "embed_tokens" in p.hf else cfg.num_hidden_layers)
-            out.append((layer, str(names[idx]), p, idx))
-    out.sort(key=lambda e: e[0])  # stable: table order within a layer
-    return [(name, p, idx) for _, name, p, idx in out]
+        out += [(str(names[idx]), p, idx) for idx in np.ndindex(names.shape)]
+    return out
 
 
 def _shard(entries, nbytes, max_shard_bytes):
@@ -92,9 +87,7 @@ def _tensor_chunks(cfg, entry, dtype, seed, params):
     name, p, idx = entry
     shape = hf_shape(cfg, p)
     if params is not None:
-        node = params
-        for key in p.path:
-            node = node[key]
+        node = lookup(params, p.path)
         t = np.asarray(node[idx] if idx else node)
         yield np.asarray(t.T if p.transpose else t, dtype=dtype)
         return

@@ -1,15 +1,15 @@
-"""The Orbax checkpoint of the stacked parameter tree: written block by block, restored straight into shardings.
+"""The Orbax checkpoint of the parameter tree: written block by block, restored straight into shardings.
 
-Orbax saves a ``jax.Array`` from device memory in one piece; the converter must never hold a whole stacked
-weight (all layers x all experts). So it saves a tree of ``Source`` leaves, each knowing its shape and how to
+Orbax saves a ``jax.Array`` from device memory in one piece; the converter must never hold a whole large
+weight (a layer's 64 experts, the embedding). So it saves a tree of ``Source`` leaves, each knowing its shape and how to
 read any block of itself, through a ``TypeHandler`` that writes the array's TensorStore (zarr3 in OCDBT, the
 layout ``ArrayHandler`` uses) one block at a time. The handler reports itself as ``jax.Array``, so the result
 is an ordinary Orbax PyTree checkpoint: ``StandardCheckpointer`` restores it, each device reading its slice.
 
-Chunking: a zarr3 "shard" (what one write fills) is one write block (at most ``BLOCK_BYTES``: one layer,
-a few experts of one layer, or a row range of one big tensor); inside it, read chunks of at most
-``READ_CHUNK_BYTES`` (one expert or one layer, halved further along the axes that get sharded), so a device
-restoring its part of a sharded weight reads little more than that part.
+Chunking: a zarr3 "shard" (what one write fills) is one write block (at most ``BLOCK_BYTES``: a weight, a
+few experts of one layer, or a row range of one big tensor); inside it, read chunks of at most
+``READ_CHUNK_BYTES`` (one expert, halved further along the axes that get sharded), so a device restoring its
+part of a sharded weight reads little more than that part.
 """
 
 from __future__ import annotations
@@ -58,20 +58,20 @@ class Source:
 
 def plan_blocks(shape, axes, num_stack_dims: int, transpose: bool,
                 itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(write block shape, read chunk shape) for a parameter of our stacked ``shape`` with logical ``axes``
-    (``Param.axes``).
+    """(write block shape, read chunk shape) for a parameter of our ``shape`` with logical ``axes``
+    (``Param.axes``), of which the first ``num_stack_dims`` stack HF tensors (the experts).
 
-    Stacked parameters are written one layer at a time, per-expert ones several whole experts at a time;
-    a tensor bigger than a block is split into ranges of the rows HF stores contiguously (our last axis
-    when transposed), so every read from the safetensors file is sequential.
+    Per-expert parameters are written several whole experts at a time; a tensor bigger than a block is split
+    into ranges of the rows HF stores contiguously (our last axis when ``transpose``d), so every read from the
+    safetensors file is sequential.
     """
     n = num_stack_dims
     inner = tuple(shape[n:])
     tensor_bytes = math.prod(inner) * itemsize
     if tensor_bytes <= BLOCK_BYTES:
         block = list((1,) * n + inner)
-        if n == 2:  # several experts of one layer; never several layers, so blocks do not grow with depth
-            block[1] = _divisor_at_most(shape[1], BLOCK_BYTES // max(tensor_bytes, 1))
+        if n == 1:  # several experts of one layer
+            block[0] = _divisor_at_most(shape[0], BLOCK_BYTES // max(tensor_bytes, 1))
     else:
         axis = len(shape) - 1 if transpose else n
         row_bytes = tensor_bytes // shape[axis]

@@ -20,6 +20,7 @@ non-expert weights, the experts the batch can touch, and the KV cache.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -53,10 +54,12 @@ class AotError(ValueError):
 
 
 def _environment() -> None:
-    # A deviceless compile: jax itself stays on the CPU; libtpu must not look for a TPU or its metadata server.
+    # A deviceless compile: jax itself stays on the CPU; libtpu must not look for a TPU or its metadata server,
+    # nor hold its one-process lock (no TPU is opened, and other processes may compile at the same time).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def devices(target: Target) -> list:
@@ -72,9 +75,12 @@ def devices(target: Target) -> list:
         else:
             topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
     except Exception as e:  # noqa: BLE001 - which exception a missing plugin raises differs by jax version
-        extra = "jax-cuda13-plugin and jax-cuda13-pjrt" if target.platform == "cuda" else "libtpu (jax[tpu])"
-        raise AotError(f"target {target.name}: cannot make its compile-only topology ({_first_line(e)}); install "
-                       f"the aot extra (pip install 'qwen2-jax[aot]', which brings {extra} for this jax)") from None
+        plugin = "jax_plugins.xla_cuda13" if target.platform == "cuda" else "libtpu"
+        if importlib.util.find_spec(plugin) is None:
+            extra = "jax-cuda13-plugin and jax-cuda13-pjrt" if target.platform == "cuda" else "libtpu (jax[tpu])"
+            raise AotError(f"target {target.name}: no {plugin} to compile for it; install the aot extra "
+                           f"(pip install 'qwen2-jax[aot]', which brings {extra} for this jax)") from None
+        raise AotError(f"target {target.name}: cannot make its compile-only topology ({_first_line(e)})") from None
     return list(topo.devices)
 
 
@@ -122,17 +128,16 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     """Compiles the step ``req`` names for its target and returns the figures (see the module docstring)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     import importlib
 
     gen = importlib.import_module("qwen2_jax.generate")
-    from . import hlo_cost
+    from . import hlo_cost, moe
     from .config import load_config
     from .loading import resolve_dtype
     from .model import abstract_model
-    from .params import iter_params
+    from .params import iter_params, nest
     from .sampling import Sampler, row_keys
 
     if req.target not in TARGETS:
@@ -158,56 +163,45 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
 
     model = abstract_model(cfg, dtype=dtype)
     model.mesh = mesh
-    graphdef, state = nnx.split(model)
-    tree: dict = {}
-    weight_leaves = []
-    for p, shape in iter_params(cfg):
-        node = tree
-        for key in p.path[:-1]:
-            node = node.setdefault(key, {})
-        node[p.path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=pshard[p.path])
-    nnx.replace_by_pure_dict(state, tree)
-    params = state
+    graphdef, params = nnx.split(model)
+    nnx.replace_by_pure_dict(params, nest((p.path, jax.ShapeDtypeStruct(shape, dtype, sharding=pshard[p.path]))
+                                          for p, shape in iter_params(cfg)))
 
     b = req.batch
     if mesh is not None and b % mesh.shape["data"]:
         raise AotError(f"batch {b} is not divisible by the mesh's data axis ({mesh.shape['data']})")
     t = req.prompt_len or 16
     max_len = req.cache_len
-    sampler = Sampler()
-    spec = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=s)
-    controls = gen.Controls(
+    if req.prompt_len and req.prompt_len > max_len:
+        raise AotError(f"--prompt-len {req.prompt_len} exceeds --cache-len {max_len}")
+    platform = moe.canonical_platform(devs[0].platform)
+    sampler = Sampler()  # greedy: the processors cost nothing next to the model
+    placed = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    controls = jax.eval_shape(lambda: gen.Controls(
         temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
         repetition_penalty=jnp.ones((b,), jnp.float32), keys=row_keys([0] * b),
-        eos_token_ids=jnp.full((2,), -1, jnp.int32), max_new_tokens=jnp.asarray(1, jnp.int32))
-    controls = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), controls)
+        eos_token_ids=jnp.full((2,), -1, jnp.int32), max_new_tokens=jnp.asarray(1, jnp.int32)))
+    controls = jax.tree.map(lambda x: placed(x, rep), controls)
     ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=by_batch)
     mask = jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=by_batch)
     active = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=by_batch)
     cache_sharding = cache_shardings(cfg, mesh, b) if mesh is not None else None
+    static = dict(sampler=sampler, platform=platform)
 
-    # Which dispatch "auto" picks follows the backend the step runs on (this code asks jax.default_backend()).
-    from unittest import mock
-
-    backend = "gpu" if target.platform == "cuda" else "tpu"
     start = time.perf_counter()
-    with mock.patch.object(jax, "default_backend", lambda: backend):
-        if req.prompt_len:
-            fn, args = gen._prefill_jit, (graphdef, params, None, ids, mask, active, controls)
-            kwargs = dict(sampler=sampler, max_len=max_len, cache_sharding=cache_sharding)
-            lowered = fn.lower(*args, **kwargs)
-        else:
-            abstract = jax.eval_shape(lambda p, i, m, a, c: gen._prefill(graphdef, p, None, i, m, a, c, sampler=sampler,
-                                                                         max_len=max_len), params, ids, mask, active, controls)
-            def place(path, x):
-                names = [getattr(k, "name", getattr(k, "key", "")) for k in path]
-                if names and names[0] == "cache" and mesh is not None:
-                    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(cache_sharding, names[1]))
-                s = by_batch if x.ndim >= 1 and x.shape[0] == b else rep
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-            dstate = jax.tree_util.tree_map_with_path(place, abstract)
-            stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-            lowered = gen._decode_jit.lower(graphdef, params, None, dstate, controls, stop, sampler=sampler)
+    if req.prompt_len:
+        lowered = gen._prefill_jit.lower(graphdef, params, None, ids, mask, active, controls, max_len=max_len,
+                                         cache_sharding=cache_sharding, **static)
+    else:
+        state = jax.eval_shape(lambda p, i, m, a, c: gen._prefill(graphdef, p, None, i, m, a, c, max_len=max_len,
+                                                                 **static),
+                               params, ids, mask, active, controls)
+        if mesh is not None:  # the decode loop keeps the placement the prefill gave the state
+            state = dataclasses.replace(state, cache=jax.tree.map(placed, state.cache, cache_sharding))
+        state = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                             placed(x, by_batch if x.ndim and x.shape[0] == b else rep), state)
+        stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        lowered = gen._decode_jit.lower(graphdef, params, None, state, controls, stop, **static)
     fits_error = None
     try:
         compiled = lowered.compile()
@@ -237,8 +231,12 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
         name = f"{target.name}-{result['step']}-b{b}" + (f"-t{req.prompt_len}" if req.prompt_len else "") + ".hlo.txt"
         with open(os.path.join(dump_hlo, name), "w") as f:
             f.write(text)
-    n_params = len(jax.tree.leaves(params))
-    report = hlo_cost.analyze(text, set(range(n_params)))
+    # The weights are the first entry parameters (the jitted functions take them first, and use every one).
+    # A data-dependent loop inside the step (the MoE loop over the distinct experts chosen) runs at most once
+    # per expert the step's tokens can touch on a device; the decode loop's body is the step.
+    local_experts = cfg.num_experts // (mesh.shape["expert"] if mesh is not None else 1)
+    report = hlo_cost.analyze(text, set(range(len(jax.tree.leaves(params)))), step_loop=not req.prompt_len,
+                              loop_bound=min(local_experts, tokens * cfg.num_experts_per_tok))
     weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * itemsize for p, shape in iter_params(cfg))
     used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     result.update(

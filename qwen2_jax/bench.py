@@ -203,8 +203,7 @@ class JaxSide:
         self.load_seconds = time.perf_counter() - t0
         self._generate = generate
         graphdef, self._params = nnx.split(self.model)
-        self._forward = jax.jit(
-            lambda params, ids: nnx.merge(graphdef, params).forward(ids, stacked_experts=True).logits)
+        self._forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params).forward(ids).logits)
         self._jnp = jnp
         self.compile_seconds: dict[str, float] = {}
 

@@ -13,9 +13,9 @@ does not recompile either; only which processors run (``sampling.Sampler``) is s
   steps at a time and yields the tokens in between. It is the same compiled function, so both give the same
   tokens for the same seed.
 
-On XLA:CPU both run the layers unrolled on per-layer (and per-expert) arrays that are views of the stacked
-weights (``layer_params``, made once per model): XLA:CPU copies a slice of a stack before multiplying it, and
-reading each weight in place made a batch-1 decode step 2x faster (docs/performance.md).
+Both take the parameters as a plain array pytree (``nnx.split`` once per call of ``generate``) and the
+platform they run on (static: it picks the MoE dispatch, ``moe.choose``), so that ``qwen2-jax aot`` compiles
+exactly these functions for a device this machine does not have.
 
 Outputs follow HF: the new tokens only, up to and including the end token that stopped the row.
 """
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import weakref
 from typing import Iterator, Sequence
 
 import jax
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import moe, views
 from .cache import KVCache
 from .sampling import Sampler, candidates, check_sampling_args, choose, row_keys
 
@@ -130,10 +130,9 @@ def _append(sampler: Sampler, state: DecodeState, logits, controls: Controls) ->
         seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
 
 
-def _prefill(graphdef, params, layer_params, input_ids, attention_mask, active, controls: Controls, *,
-             sampler: Sampler, max_len: int, cache_sharding=None) -> DecodeState:
-    """Left-padded prompts [B, T] -> the state after the first generated token. ``layer_params``: see
-    ``layer_params``, or None."""
+def _prefill(graphdef, params, views, input_ids, attention_mask, active, controls: Controls, *, sampler: Sampler,
+             max_len: int, platform: str, cache_sharding=None) -> DecodeState:
+    """Left-padded prompts [B, T] -> the state after the first generated token."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
     cfg = model.config
@@ -146,7 +145,7 @@ def _prefill(graphdef, params, layer_params, input_ids, attention_mask, active, 
     cache = constrain(KVCache.create(cfg, b, t, dtype=model.dtype))
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
     out = model.forward(input_ids, attention_mask, positions=positions, cache=cache, last_only=True,
-                        layer_params=layer_params)
+                        platform=platform, expert_views=views)
     out = dataclasses.replace(out, cache=constrain(out.cache.grow(max_len)))
     # The prompt's tokens count as seen for the repetition penalty; the padding does not (as in HF).
     # (Padding goes to the out-of-range id V, which the scatter drops; a negative id would wrap around.)
@@ -159,10 +158,10 @@ def _prefill(graphdef, params, layer_params, input_ids, attention_mask, active, 
     return _append(sampler, state, out.logits[:, 0], controls)
 
 
-def _decode(graphdef, params, layer_params, state: DecodeState, controls: Controls, stop_at, *,
-            sampler: Sampler) -> DecodeState:
-    """Decode steps until every row is done, or ``step`` reaches ``stop_at`` or ``max_new_tokens``.
-    ``layer_params``: see ``layer_params``, or None."""
+def _decode(graphdef, params, views, state: DecodeState, controls: Controls, stop_at, *, sampler: Sampler,
+            platform: str) -> DecodeState:
+    """Decode steps until every row is done, or ``step`` reaches ``stop_at`` or ``max_new_tokens``; the body
+    of the loop is one step (what ``qwen2-jax aot`` reports)."""
     TRACES["decode"] += 1
     stop = jnp.minimum(stop_at, controls.max_new_tokens)
 
@@ -172,33 +171,15 @@ def _decode(graphdef, params, layer_params, state: DecodeState, controls: Contro
     def body(s: DecodeState):
         model = nnx.merge(graphdef, params)
         last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)  # [B, 1]
-        out = model.forward(last, positions=s.positions[:, None], cache=s.cache, layer_params=layer_params)
+        out = model.forward(last, positions=s.positions[:, None], cache=s.cache, platform=platform,
+                            expert_views=views)
         return _append(sampler, dataclasses.replace(s, cache=out.cache), out.logits[:, 0], controls)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "sampler", "max_len", "cache_sharding"))
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "sampler"), donate_argnames=("state",))
-_LAYER_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def layer_params(model):
-    """The model's layer weights as per-layer and per-expert arrays (``DecoderLayers.per_layer_params``) for
-    the prefill and the decode loop on XLA:CPU, where they are views of the stacks' memory and make a
-    batch-1 decode step 2x faster (docs/performance.md); None elsewhere (on a mesh, or an accelerator, where
-    they would be copies of the whole model). Made on first use and kept, with the model, while its weights
-    are the same arrays."""
-    if jax.default_backend() != "cpu" or getattr(model, "mesh", None) is not None:
-        return None
-    sources = jax.tree.leaves(nnx.state(model.model.layers))
-    cached = _LAYER_PARAMS.get(model)
-    if (cached is not None and len(cached[0]) == len(sources) and all(r() is a for r, a in zip(cached[0], sources))
-            and not any(a.is_deleted() for a in sources)):
-        return cached[1]
-    params = model.model.layers.per_layer_params()
-    _LAYER_PARAMS[model] = (tuple(weakref.ref(a) for a in sources), params)
-    return params
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "sampler", "max_len", "platform", "cache_sharding"))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "sampler", "platform"), donate_argnames=("state",))
 
 
 # ---- host side: checking the arguments and padding the batch ------------------------------------------------
@@ -216,8 +197,8 @@ class _Batch:
     num_prompts: int
     eos: frozenset[int]
     max_new_tokens: int
-    model: object = None
-    layer_params: object = None
+    platform: str = "cpu"
+    views: object = None
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -325,19 +306,19 @@ def _prepare(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repet
                   sampler=Sampler.create(temperature=temperature, top_k=top_k, top_p=top_p,
                                          repetition_penalty=repetition_penalty),
                   max_len=bucket(t + int(max_new_tokens)), cache_sharding=cache_sharding, num_prompts=n,
-                  eos=frozenset(eos), max_new_tokens=int(max_new_tokens), model=model)
+                  eos=frozenset(eos), max_new_tokens=int(max_new_tokens), platform=moe.platform_of(params),
+                  views=views.expert_views(model))
 
 
 def _start(batch: _Batch) -> DecodeState:
-    batch.layer_params = layer_params(batch.model)
-    return _prefill_jit(batch.graphdef, batch.params, batch.layer_params, batch.input_ids, batch.attention_mask,
-                        batch.active, batch.controls, sampler=batch.sampler, max_len=batch.max_len,
+    return _prefill_jit(batch.graphdef, batch.params, batch.views, batch.input_ids, batch.attention_mask, batch.active,
+                        batch.controls, sampler=batch.sampler, max_len=batch.max_len, platform=batch.platform,
                         cache_sharding=batch.cache_sharding)
 
 
 def _run(batch: _Batch, state: DecodeState, stop_at: int) -> DecodeState:
-    return _decode_jit(batch.graphdef, batch.params, batch.layer_params, state, batch.controls,
-                       jnp.asarray(stop_at, jnp.int32), sampler=batch.sampler)
+    return _decode_jit(batch.graphdef, batch.params, batch.views, state, batch.controls, jnp.asarray(stop_at, jnp.int32),
+                       sampler=batch.sampler, platform=batch.platform)
 
 
 def _to_host(x) -> np.ndarray:

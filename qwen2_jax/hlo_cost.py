@@ -6,9 +6,11 @@ collective, or an unfused op. For each one this counts the bytes it reads and wr
 - a fusion reads each operand in full, except where every use inside it is a (dynamic-)slice or gather: then
   only the sliced bytes (a weight picked out of a larger array in place); an operand updated in place by a
   dynamic-update-slice is not read, and only the update is written;
-- loops weigh their bodies by the trip count XLA annotated; a loop without one (a data-dependent
-  ``while_loop``, such as the decode loop itself) counts as one trip, and ``unknown_trip_loops`` says how
-  many there were; a conditional counts its most expensive branch.
+- loops weigh their bodies by the trip count XLA annotated (or, on TPU, the ``i < N`` of a counted loop); a
+  data-dependent ``while_loop`` counts as ``loop_bound`` trips (1 when not given), except, with
+  ``step_loop``, the first one of the entry computation: the decode loop, whose body is one step;
+  ``unknown_trip_loops`` says how many data-dependent loops were counted; a conditional counts its most
+  expensive branch.
 
 ``weight_copy_bytes`` is what kernels that read a weight (an entry parameter named in ``weight_params``)
 write without computing on it (no dot, convolution or reduction inside): copies, transposes, gathers,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections import Counter
 
@@ -29,7 +32,8 @@ DTYPE_BYTES = {
     "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1,
     "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e3m4": 1, "f8e8m0fnu": 1, "f4e2m1fn": 0.5, "token": 0,
 }
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # a TPU layout's memory space: VMEM, SMEM (not HBM)
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) (\(.*\)) -> (.*) \{$")
 _INSTR = re.compile(r"^\s+(ROOT )?%?([\w.\-]+) = (.*)$")
 _COMMENT = re.compile(r"/\*.*?\*/")
@@ -45,10 +49,14 @@ SLICING = {"slice", "dynamic-slice", "gather"}
 PASS_THROUGH = {"bitcast", "reshape", "get-tuple-element"}
 
 
-def shape_bytes(shape: str) -> int:
-    """Bytes of every array in a shape string (a tuple sums its elements)."""
+def shape_bytes(shape: str, hbm_only: bool = True) -> int:
+    """HBM bytes of every array in a shape string (a tuple sums its elements); an array in a TPU core's own
+    memory (a layout with memory space ``S(1)``, VMEM, or ``S(2)``) is not in HBM and counts nothing unless
+    ``hbm_only`` is false."""
     total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY.findall(shape):
+        if hbm_only and layout and _ON_CHIP.search(layout):
+            continue
         n = 1
         for d in dims.split(","):
             if d:
@@ -215,13 +223,15 @@ class Report:
 
 
 class Analyzer:
-    def __init__(self, text: str, weight_params: set[int] | None = None):
+    def __init__(self, text: str, weight_params: set[int] | None = None, *, step_loop: bool = False,
+                 loop_bound: int | None = None):
         self.comps = parse(text)
         self.entry = next(c for c in self.comps.values() if c.entry)
         self.weight_params = set(weight_params or ())
         self.kernels: list[Kernel] = []
         self.collectives: Counter = Counter()
         self.unknown = 0
+        self.step_loop, self.loop_bound = step_loop, loop_bound
 
     # ---- data flow: which values are (views of) weights ---------------------------------------------------
     def _origin(self, comp: Computation, name: str, params: dict, memo: dict):
@@ -322,15 +332,17 @@ class Analyzer:
         memo: dict = {}
         for i in comp.instrs:
             op = i.opcode
-            if op in FREE:
+            if op in FREE or op.endswith("-done") or op.endswith("-update"):  # the other halves of async ops
                 continue
             sub_params = {pos: self._origin(comp, o, params, memo) for pos, o in enumerate(i.operands)}
             if op == "while":
                 trip = self._trip_count(i) or self._inferred_trip_count(comp, i)
                 body, cond = self.comps.get(i.attr("body") or ""), self.comps.get(i.attr("condition") or "")
-                if trip is None:
+                if trip is None and self.step_loop and comp is self.entry:
+                    self.step_loop, trip = False, 1  # the decode loop: its body is the step
+                elif trip is None:
                     self.unknown += 1
-                    trip = 1
+                    trip = self.loop_bound or 1
                 carried = {0: sub_params.get(0, frozenset())}
                 if body is not None:
                     self._walk(body, runs * trip, carried)
@@ -388,13 +400,20 @@ class Analyzer:
             computes = True
         elif op == "dynamic-update-slice":
             read = written = sizes[1] if len(sizes) > 1 else i.bytes
-        elif op in ("dynamic-slice", "slice", "copy-start"):
+        elif op in ("copy-start", "slice-start", "dynamic-slice-start"):
+            # Asynchronous copies and slices, e.g. XLA:TPU prefetching (a slice of) a weight into VMEM: a copy's
+            # output tuple is (result, source, context), a slice's ((operands), result, context); what is read
+            # is the result's worth of the source.
+            result = _tuple_element(i.shape, 0 if op == "copy-start" else 1)
+            read, written = shape_bytes(result, hbm_only=False), shape_bytes(result)
+        elif op in ("dynamic-slice", "slice"):
             read = written = _first_array_bytes(i.shape)
         else:
             read, written = sum(sizes), i.bytes
         base = op.removesuffix("-start")
         if base in COLLECTIVES:
-            self.collectives[(base, _group_size(i.attrs), sizes[0] if sizes else i.bytes)] += runs
+            volume = sum(shape_bytes(o.shape, hbm_only=False) for o in operands if o is not None)
+            self.collectives[(base, _group_size(i.attrs), volume)] += runs
         from_weights = any(self._flat(operand_origin.get(p, frozenset())) for p in range(len(operands)))
         weight_copy = written if from_weights and not computes and base not in COLLECTIVES else 0
         self.kernels.append(Kernel(i.name, op, kind, read, written, weight_copy, runs, comp.name))
@@ -465,6 +484,14 @@ def _constant(comp: Computation, instr: Instr | None) -> int | None:
     return None
 
 
+def _tuple_element(shape: str, index: int) -> str:
+    """Element ``index`` of a tuple shape string (the shape itself when it is not a tuple)."""
+    if not shape.startswith("("):
+        return shape
+    parts = _split_top(shape[1:-1])
+    return parts[index] if index < len(parts) else ""
+
+
 def _first_array_bytes(shape: str) -> int:
     m = _ARRAY.search(shape)
     return shape_bytes(m.group(0)) if m else 0
@@ -477,15 +504,19 @@ def _group_size(attrs: str) -> int:
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)  # iota form [groups, size]
     if m:
         return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)  # XLA:TPU's named mesh axes
+    if m:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)) if a in sizes)
     m = re.search(r"source_target_pairs=\{([^}]*)\}", attrs)
     if m:
         return len(re.findall(r"\{", m.group(1))) + 1
     return 1
 
 
-def analyze(text: str, weight_params=None) -> Report:
+def analyze(text: str, weight_params=None, *, step_loop: bool = False, loop_bound: int | None = None) -> Report:
     """The kernels of the optimized HLO ``text`` with their bytes (see the module docstring)."""
-    return Analyzer(text, weight_params).run()
+    return Analyzer(text, weight_params, step_loop=step_loop, loop_bound=loop_bound).run()
 
 
 def summary(report: Report) -> dict:

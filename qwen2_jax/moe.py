@@ -2,21 +2,24 @@
 
     y[t] = sum_k weights[t, k] * down(silu(x[t] @ gate_proj[e]) * (x[t] @ up_proj[e])),   e = experts[t, k]
 
-with expert weights stacked as ``gate_proj, up_proj: [E, H, I]`` and ``down_proj: [E, I, H]``, or, for
-``loop`` and ``grouped``, given as sequences of E per-expert arrays (``views.slices`` of the stacks): each
-expert is then applied by a ``lax.switch`` branch that reads its arguments in place, where XLA:CPU copies a
-slice of a stack before multiplying it (the decode loop on XLA:CPU, docs/performance.md).
+with one layer's expert weights ``gate_proj, up_proj: [E, H, I]`` and ``down_proj: [E, I, H]`` (or, for
+``loop`` and ``grouped``, sequences of E per-expert arrays, each applied by a ``lax.switch`` branch).
 
-- ``dense``:  every token through every expert, then weighted; the reference (reads all E experts).
-- ``gather``: each token gathers its own top-k experts' weights; best when tokens x k is small (decode).
-- ``loop``:   a while-loop over the distinct experts the tokens chose, each applied to all tokens and
-              masked; reads each used expert once (XLA:CPU decode).
+- ``dense``:   every token through every expert as one product batched over the expert axis
+               (``eth,ehi->eti``: the weights are read in place, once each); the reference, and what a batch
+               that touches most experts does anyway.
+- ``gather``:  each (token, expert) pair reads its expert's weights in place, as a gather fused into a
+               reduction: the decode step on GPUs (XLA:GPU would copy a gathered or sliced matmul operand).
+- ``loop``:    a while-loop over the distinct experts the tokens chose, each applied to all tokens and
+               masked; reads each used expert once (XLA:CPU and TPU decode; a GPU would sync with the host
+               at every trip).
 - ``grouped``: (token, expert) pairs sorted by expert, cut into blocks of one expert each, a while-loop
-              over the blocks; computes only the chosen pairs (XLA:CPU prefill, accelerator prefill).
-- ``ragged``: the same sorted pairs through ``jax.lax.ragged_dot``. XLA:CPU, and XLA:GPU without a grouped
-              GEMM, lower ragged_dot to a dense dot over all experts, so ``auto`` does not choose it.
+               over the blocks; computes only the chosen pairs (XLA:CPU prefill).
+- ``ragged``:  the same sorted pairs through ``jax.lax.ragged_dot`` (XLA:TPU's grouped-matmul kernel;
+               XLA:CPU and XLA:GPU lower it to a dense product over all experts).
 
-``auto`` picks by backend and token count from the measurements in docs/moe-dispatch.md. ``loop`` and
+``choose`` picks one by the platform the step runs on and its token count, from the compiled programs of
+``qwen2-jax aot`` (docs/accelerators.md) and CPU measurements (docs/moe-dispatch.md). ``loop`` and
 ``grouped`` have no reverse-mode derivative of their own (a while-loop); ``grouped`` borrows ``dense``'s.
 """
 
@@ -28,62 +31,65 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")
 
 
-def choose(num_tokens: int, top_k: int, num_experts: int, backend: str | None = None,
-           per_expert: bool = False) -> str:
-    """The implementation ``auto`` runs for this static token count (see docs/moe-dispatch.md);
-    ``per_expert``: for experts given as per-expert arrays."""
-    backend = backend or jax.default_backend()
-    if per_expert:
-        # XLA:CPU, per-expert views: one token reads its top-k experts once either way; from 2 tokens on, small
-        # blocks of the pairs each expert really has beat the loop (which applies each expert to every token):
-        # 1.8x for one layer at 8 tokens. Blocks of 2 rows or more: a one-row block compiles a matrix-vector
-        # product per expert branch (several times the compile time of a batch-8 step) for no gain in the model.
-        return "loop" if num_tokens == 1 else "grouped"
-    if backend == "cpu":
-        # XLA:CPU, quarter config: the loop is fastest up to 8 tokens (1.3-1.5x the grouped blocks, 3-6x
-        # gather, which copies every pair's weights); from 16 tokens on the grouped blocks win (1.4x at 16,
-        # 5x at 512 over the loop) and dense, 8x the work, never does.
+def platform_of(tree) -> str:
+    """The platform ("cpu", "gpu" or "tpu") of the devices holding the arrays of ``tree`` (jax arrays or
+    ``ShapeDtypeStruct``s with a sharding); the default backend when they say nothing."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            return canonical_platform(next(iter(sharding.device_set)).platform)
+    return canonical_platform(jax.default_backend())
+
+
+def canonical_platform(name: str) -> str:
+    return "gpu" if name in ("gpu", "cuda", "rocm") else name
+
+
+def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_expert: bool = False) -> str:
+    """The implementation ``auto`` runs for this static token count on ``platform``; ``per_expert``: for
+    experts given as per-expert arrays."""
+    pairs = num_tokens * top_k
+    platform = canonical_platform(platform)
+    if platform == "cpu":
+        if per_expert:
+            # Per-expert views (read in place): one token reads its top-k experts once either way; from 2
+            # tokens on, small blocks of the pairs each expert really has beat the loop (a batch-8 step of the
+            # quarter config 272 ms against 329). Blocks of 2 rows or more: one-row blocks compile a
+            # matrix-vector product per expert branch.
+            return "loop" if num_tokens == 1 else "grouped"
+        # XLA:CPU: the loop is fastest up to 8 tokens; from 16 tokens on the grouped blocks win (1.4x at 16,
+        # 5x at 512 over the loop) and dense, E / top_k times the work, never does (docs/moe-dispatch.md).
         return "loop" if num_tokens <= 8 else "grouped"
-    # Accelerators (not yet measured, see docs/moe-dispatch.md): gather while the pairs are few; then dense,
-    # which reads every expert once, as the batch touches most of them anyway, while a matmul of that many
-    # rows is still bound by memory; grouped blocks past that, so that the work stays top_k / E of dense's.
-    if num_tokens * top_k <= 16:
-        return "gather"
-    return "dense" if num_tokens <= 128 else "grouped"
+    if platform == "gpu":
+        # XLA:GPU (compiled for an H200, docs/accelerators.md): the gathered reduction reads exactly the pairs'
+        # experts while they are fewer than all of them; from there the batched product reads each expert once.
+        # A prefill takes the batched product too: it computes E / top_k times the pairs' work, but a grouped
+        # loop would sync with the host at every block and copy each block's weights.
+        return "gather" if pairs < num_experts else "dense"
+    # XLA:TPU: the loop reads the distinct experts in place (a device-side while-loop, no host sync);
+    # the batched product once they are all touched; the grouped-matmul kernel for a long prefill.
+    if pairs < num_experts:
+        return "loop"
+    return "dense" if num_tokens <= 256 else "ragged"
 
 
-def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "auto", layer=None):
-    """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype.
-
-    With ``layer`` (an int32 scalar), the expert weights are the stacks of all sparse layers ``[L, E, ...]``
-    and this layer's are used. ``loop``, ``grouped`` and ``gather`` then read each chosen expert straight out
-    of the stack; slicing the layer's ``[E, ...]`` block first would make XLA copy all of its experts (the
-    block is an operand of a while-loop or of a matmul; see docs/moe-dispatch.md)."""
+def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "auto", platform: str | None = None):
+    """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype. ``platform`` (for ``auto``): where the
+    step runs (default: the default backend)."""
     per_expert = _per_expert(gate_proj)
     if impl == "auto":
-        impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_proj), per_expert=per_expert)
+        impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_proj),
+                      platform or jax.default_backend(), per_expert=per_expert)
     try:
         fn = _IMPLS[impl]
     except KeyError:
         raise ValueError(f"unknown MoE implementation {impl!r}; expected 'auto' or one of {IMPLEMENTATIONS}") from None
-    if per_expert:
-        if impl not in ("loop", "grouped"):
-            raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
-                             "to 'loop' or 'grouped'")
-        return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
-    w = (gate_proj, up_proj, down_proj)
-    if layer is not None:
-        if impl in ("loop", "grouped", "gather"):
-            return fn(x, weights.astype(x.dtype), experts, *w, layer=layer)
-        w = [a[layer] for a in w]
-    if impl == "grouped":
+    if per_expert and impl not in ("loop", "grouped"):
+        raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
+                         "to 'loop' or 'grouped'")
+    if impl == "grouped" and not per_expert:
         fn = _grouped_with_dense_gradient
-    return fn(x, weights.astype(x.dtype), experts, *w)
-
-
-def _expert(w, layer, e):
-    """Expert ``e``'s matrix from a layer's ``[E, ...]`` weights, or from the stack ``[L, E, ...]`` at ``layer``."""
-    return w[e] if layer is None else w[layer, e]
+    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
 
 
 def _per_expert(gate_proj) -> bool:
@@ -91,44 +97,53 @@ def _per_expert(gate_proj) -> bool:
 
 
 def _num_experts(gate_proj) -> int:
-    return len(gate_proj) if _per_expert(gate_proj) else gate_proj.shape[-3]
+    return len(gate_proj) if _per_expert(gate_proj) else gate_proj.shape[0]
 
 
-def _expert_ffn(gate_proj, up_proj, down_proj, layer):
+def _expert_ffn(gate_proj, up_proj, down_proj):
     """``ffn(x, e)``: expert ``e``'s SwiGLU on the rows ``x``, for a traced expert id ``e``. Stacked weights are
     sliced at ``e``; per-expert arrays are picked by a switch, whose branches multiply them in place."""
     if _per_expert(gate_proj):
-        branches = [lambda x, g=g, u=u, d=d: _swiglu(x, g, u) @ d for g, u, d in zip(gate_proj, up_proj, down_proj)]
+        branches = [lambda x, g=g, u=u, d=d: swiglu(x, g, u, d) for g, u, d in zip(gate_proj, up_proj, down_proj)]
         return lambda x, e: jax.lax.switch(e, branches, x)
-    return lambda x, e: _swiglu(x, _expert(gate_proj, layer, e), _expert(up_proj, layer, e)) @ _expert(down_proj, layer, e)
+    return lambda x, e: swiglu(x, gate_proj[e], up_proj[e], down_proj[e])
 
 
-def _swiglu(x, gate, up):
-    return jax.nn.silu(x @ gate) * (x @ up)
+def swiglu(x, gate, up, down):
+    """An expert's SwiGLU on rows ``x`` [T, H], its weights ``[in, out]``: HF's ``Qwen2MoeMLP``."""
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def _combine(weights, experts, num_experts, dtype):
+    """[T, E]: the routing weight of expert e for token t (zero where e was not chosen)."""
+    return jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=dtype))
 
 
 def dense(x, weights, experts, gate_proj, up_proj, down_proj):
     num_experts = gate_proj.shape[0]
-    # combine[t, e]: the routing weight of expert e for token t (zero where e was not chosen).
-    combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=x.dtype))
-    h = jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate_proj)) * jnp.einsum("th,ehi->tei", x, up_proj)
-    out = jnp.einsum("tei,eih->teh", h, down_proj)
-    return jnp.einsum("teh,te->th", out, combine)
+    xe = jnp.broadcast_to(x, (num_experts,) + x.shape)  # [E, T, H]: batched over experts, nothing transposed
+    h = jax.nn.silu(jnp.einsum("eth,ehi->eti", xe, gate_proj)) * jnp.einsum("eth,ehi->eti", xe, up_proj)
+    out = jnp.einsum("eti,eih->eth", h, down_proj)
+    return jnp.einsum("eth,te->th", out, _combine(weights, experts, num_experts, x.dtype))
 
 
-def gather(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
-    # With a layer index, one gather from the stack (no slice of the layer's experts for XLA to copy first).
-    g, u, d = (w[experts] if layer is None else w[layer, experts] for w in (gate_proj, up_proj, down_proj))
-    # g, u: [T, K, H, I]; d: [T, K, I, H]
-    h = jax.nn.silu(jnp.einsum("th,tkhi->tki", x, g)) * jnp.einsum("th,tkhi->tki", x, u)
-    out = jnp.einsum("tki,tkih->tkh", h, d)
-    return jnp.einsum("tkh,tk->th", out, weights)
+def gather(x, weights, experts, gate_proj, up_proj, down_proj):
+    # Each product is written as a float32 multiply-and-sum over the gathered weights, which XLA:GPU fuses into
+    # one reduction reading the T x K experts in place; the matmul of a gathered operand copies it first.
+    f32 = jnp.float32
+
+    def matvec(rows, w):  # rows [T, K, n], w [E, n, m] -> [T, K, m], rounded as a matmul's output
+        return jnp.sum(rows.astype(f32)[..., None] * w[experts].astype(f32), axis=-2).astype(x.dtype)
+
+    xk = jnp.broadcast_to(x[:, None], (x.shape[0], experts.shape[1], x.shape[1]))
+    h = jax.nn.silu(matvec(xk, gate_proj)) * matvec(xk, up_proj)
+    return jnp.einsum("tkh,tk->th", matvec(h, down_proj), weights)
 
 
-def loop(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
+def loop(x, weights, experts, gate_proj, up_proj, down_proj):
     num_experts = _num_experts(gate_proj)
-    ffn = _expert_ffn(gate_proj, up_proj, down_proj, layer)
-    combine = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=x.dtype))
+    ffn = _expert_ffn(gate_proj, up_proj, down_proj)
+    combine = _combine(weights, experts, num_experts, x.dtype)
     used = jnp.any(experts[..., None] == jnp.arange(num_experts), axis=(0, 1))
     # The distinct chosen experts first, in ascending order; the loop stops after the last of them.
     order = jnp.argsort(~used, stable=True)
@@ -143,8 +158,7 @@ def loop(x, weights, experts, gate_proj, up_proj, down_proj, layer=None):
     return acc
 
 
-def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, block: int | None = None,
-            step: int | None = None):
+def grouped(x, weights, experts, gate_proj, up_proj, down_proj, block: int | None = None, step: int | None = None):
     """(token, expert) pairs sorted by expert and cut into blocks of up to ``block`` rows, each block within
     one expert; a while-loop applies each block's expert to its rows. Only the chosen (token, expert) pairs
     are computed, and each expert is read once per block: the prefill path of XLA:CPU, where ``ragged_dot``
@@ -156,7 +170,7 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, layer=None, bloc
     num_tokens, top_k = experts.shape
     num_experts = _num_experts(gate_proj)
     hidden = x.shape[-1]
-    ffn = _expert_ffn(gate_proj, up_proj, down_proj, layer)
+    ffn = _expert_ffn(gate_proj, up_proj, down_proj)
     pairs = num_tokens * top_k
     block = block or group_block(num_tokens, top_k, num_experts, minimum=2 if _per_expert(gate_proj) else 8)
     step = step or group_step(block)
@@ -237,10 +251,12 @@ def ragged(x, weights, experts, gate_proj, up_proj, down_proj):
     num_tokens, top_k = experts.shape
     num_experts = gate_proj.shape[0]
     flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    skipped = (flat < 0) | (flat >= num_experts)  # other shards' pairs: sorted last, outside every group
+    order = jnp.argsort(jnp.where(skipped, num_experts, flat), stable=True)
     token_of = order // top_k
     xs = jnp.take(x, token_of, axis=0)  # [T*K, H], grouped by expert
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(jnp.where(skipped, num_experts, flat), length=num_experts + 1)[:num_experts]
+    group_sizes = group_sizes.astype(jnp.int32)
     h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes)) * jax.lax.ragged_dot(xs, up_proj, group_sizes)
     out = jax.lax.ragged_dot(h, down_proj, group_sizes) * jnp.take(weights.reshape(-1), order)[:, None]
     return jnp.zeros_like(x).at[token_of].add(out)

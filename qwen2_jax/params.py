@@ -1,8 +1,9 @@
-"""Parameters: the one table from Hugging Face tensor names to this port's stacked parameter tree.
+"""Parameters: the one table from Hugging Face tensor names to this port's parameter tree.
 
-Each row says where a weight lives in the module tree, which HF tensor(s) fill it, whether it is stacked over
-all layers, the sparse (MoE) layers or the dense (MLP) layers (and over experts), whether HF's
-``[out, in]`` Linear layout is transposed to our ``[in, out]``, and its logical axes, which
+One row per weight of each layer, named and laid out as Hugging Face stores it (``model.layers.{i}.self_attn.
+q_proj.weight`` is ``("model", "layers", "i", "self_attn", "q_proj", "weight")``, ``[out, in]``), except the
+routed experts: the 64 per-expert tensors of a layer form one ``[experts, in, out]`` array (``transpose``;
+``model.Experts`` says why). Each row says which HF tensor(s) fill it and its logical axes, which
 ``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding rules all
 read this table.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -23,11 +24,15 @@ from .hf_files import FLOAT_DTYPES, CheckpointError, TensorRef, read_tensors
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    path: tuple[str, ...]  # in the module tree
-    hf: str  # HF name; {i} is the layer, {e} the expert
-    stack: str  # "" | "layers" (every layer) | "sparse" (MoE layers) | "dense" (MLP layers)
-    transpose: bool  # HF Linear weights are [out, in]; ours are [in, out]
-    axes: tuple[str | None, ...]  # logical axes of our (stacked) array
+    path: tuple[str, ...]  # in the module tree; a layer's index is a string ("0")
+    hf: str  # HF name; {e} is the expert
+    axes: tuple[str | None, ...]  # logical axes of our array
+    layer: int | None = None  # the decoder layer it belongs to
+
+    @property
+    def transpose(self) -> bool:
+        """HF's per-expert ``[out, in]`` is our ``[in, out]`` (every other weight is HF's layout)."""
+        return self.per_expert
 
     @property
     def per_expert(self) -> bool:
@@ -35,53 +40,54 @@ class Param:
 
     @property
     def num_stack_dims(self) -> int:
-        return (self.stack != "") + self.per_expert
+        """Leading dims that stack several HF tensors (the expert axis)."""
+        return int(self.per_expert)
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
 
 
-def _attn(name, axis, bias):
-    rows = [Param(("model", "layers", "self_attn", name, "kernel"), f"model.layers.{{i}}.self_attn.{name}.weight",
-                  "layers", True, ("layers", "embed", axis))]
-    if bias:
-        rows.append(Param(("model", "layers", "self_attn", name, "bias"), f"model.layers.{{i}}.self_attn.{name}.bias",
-                          "layers", False, ("layers", axis)))
+def _layer_rows(cfg: Qwen2MoeConfig, i: int) -> list[Param]:
+    prefix = f"model.layers.{i}."
+
+    def row(name: str, axes) -> Param:
+        # HF's name, dotted, is our path below model.layers.{i}; the experts' stack drops {e} and .weight
+        keys = name.replace(".{e}", "").removesuffix(".weight" if "{e}" in name else "").split(".")
+        return Param(("model", "layers", str(i), *keys), prefix + name, axes, i)
+
+    rows = [row(f"{norm}.weight", ("embed",)) for norm in ("input_layernorm", "post_attention_layernorm")]
+    for name, heads in (("q_proj", "q_heads"), ("k_proj", "kv_heads"), ("v_proj", "kv_heads")):
+        rows.append(row(f"self_attn.{name}.weight", (heads, "embed")))
+        if cfg.qkv_bias:
+            rows.append(row(f"self_attn.{name}.bias", (heads,)))
+    rows.append(row("self_attn.o_proj.weight", ("embed", "q_heads")))
+
+    def swiglu(module, inner):  # [out, in]
+        return [row(f"{module}.gate_proj.weight", (inner, "embed")),
+                row(f"{module}.up_proj.weight", (inner, "embed")),
+                row(f"{module}.down_proj.weight", ("embed", inner))]
+
+    if cfg.sparse_layers[i]:
+        rows.append(row("mlp.gate.weight", (None, "embed")))
+        rows += [row("mlp.experts.{e}.gate_proj.weight", ("experts", "embed", "moe_mlp")),  # [E, in, out]
+                 row("mlp.experts.{e}.up_proj.weight", ("experts", "embed", "moe_mlp")),
+                 row("mlp.experts.{e}.down_proj.weight", ("experts", "moe_mlp", "embed"))]
+        rows += swiglu("mlp.shared_expert", "shared_mlp")
+        rows.append(row("mlp.shared_expert_gate.weight", (None, "embed")))
+    else:
+        rows += swiglu("mlp", "mlp")
     return rows
 
 
-def _swiglu(prefix, hf_prefix, stack, inner, stack_axes=("layers",)):
-    return [
-        Param(prefix + ("gate_proj",), f"{hf_prefix}.gate_proj.weight", stack, True, (*stack_axes, "embed", inner)),
-        Param(prefix + ("up_proj",), f"{hf_prefix}.up_proj.weight", stack, True, (*stack_axes, "embed", inner)),
-        Param(prefix + ("down_proj",), f"{hf_prefix}.down_proj.weight", stack, True, (*stack_axes, inner, "embed")),
-    ]
-
-
 def param_table(cfg: Qwen2MoeConfig) -> list[Param]:
-    """Every parameter of the model described by ``cfg``."""
-    rows = [Param(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", "", False, ("vocab", "embed"))]
-    rows += [
-        Param(("model", "layers", norm, "weight"), f"model.layers.{{i}}.{norm}.weight", "layers", False, ("layers", "embed"))
-        for norm in ("input_layernorm", "post_attention_layernorm")
-    ]
-    rows += _attn("q_proj", "q_heads", cfg.qkv_bias) + _attn("k_proj", "kv_heads", cfg.qkv_bias)
-    rows += _attn("v_proj", "kv_heads", cfg.qkv_bias)
-    rows.append(Param(("model", "layers", "self_attn", "o_proj", "kernel"), "model.layers.{i}.self_attn.o_proj.weight",
-                      "layers", True, ("layers", "q_heads", "embed")))
-    if cfg.num_sparse_layers:
-        moe = ("model", "layers", "mlp")
-        rows.append(Param(moe + ("gate", "kernel"), "model.layers.{i}.mlp.gate.weight", "sparse", True,
-                          ("layers", "embed", None)))
-        rows += _swiglu(moe + ("experts",), "model.layers.{i}.mlp.experts.{e}", "sparse", "moe_mlp",
-                        ("layers", "experts"))
-        rows += [dataclasses.replace(p, path=p.path + ("kernel",))
-                 for p in _swiglu(moe + ("shared_expert",), "model.layers.{i}.mlp.shared_expert", "sparse", "shared_mlp")]
-        rows.append(Param(moe + ("shared_expert_gate", "kernel"), "model.layers.{i}.mlp.shared_expert_gate.weight",
-                          "sparse", True, ("layers", "embed", None)))
-    if cfg.num_dense_layers:
-        rows += [dataclasses.replace(p, path=p.path + ("kernel",))
-                 for p in _swiglu(("model", "layers", "dense_mlp"), "model.layers.{i}.mlp", "dense", "mlp")]
-    rows.append(Param(("model", "norm", "weight"), "model.norm.weight", "", False, ("embed",)))
+    """Every parameter of the model described by ``cfg``, in Hugging Face's order."""
+    rows = [Param(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", ("vocab", "embed"))]
+    for i in range(cfg.num_hidden_layers):
+        rows += _layer_rows(cfg, i)
+    rows.append(Param(("model", "norm", "weight"), "model.norm.weight", ("embed",)))
     if not cfg.tie_word_embeddings:
-        rows.append(Param(("lm_head", "weight"), "lm_head.weight", "", False, ("vocab", "embed")))
+        rows.append(Param(("lm_head", "weight"), "lm_head.weight", ("vocab", "embed")))
     return rows
 
 
@@ -90,15 +96,8 @@ def _ignorable(name: str, cfg: Qwen2MoeConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
 
-def stack_layers(cfg: Qwen2MoeConfig, stack: str) -> list[int]:
-    """The HF layer indices that make up a stack, in stacking order."""
-    sparse = cfg.sparse_layers
-    return {"": [], "layers": list(range(cfg.num_hidden_layers)),
-            "sparse": [i for i, s in enumerate(sparse) if s], "dense": [i for i, s in enumerate(sparse) if not s]}[stack]
-
-
 def param_shape(cfg: Qwen2MoeConfig, p: Param) -> tuple[int, ...]:
-    """Our stacked shape of ``p``, from the module tree's abstract shapes."""
+    """Our shape of ``p``, from the module tree's abstract shapes."""
     return _abstract_shapes(cfg)[p.path]
 
 
@@ -111,13 +110,10 @@ def _abstract_shapes(cfg: Qwen2MoeConfig) -> dict[tuple[str, ...], tuple[int, ..
 
 
 def hf_names(cfg: Qwen2MoeConfig, p: Param) -> np.ndarray:
-    """HF tensor names filling ``p``, as an array over its stack dims ([] , [layers] or [layers, experts])."""
-    if not p.stack:
-        return np.array(p.hf, dtype=object)
-    layers = stack_layers(cfg, p.stack)
+    """HF tensor names filling ``p``: a scalar array, or one name per expert."""
     if p.per_expert:
-        return np.array([[p.hf.format(i=i, e=e) for e in range(cfg.num_experts)] for i in layers], dtype=object)
-    return np.array([p.hf.format(i=i) for i in layers], dtype=object)
+        return np.array([p.hf.format(e=e) for e in range(cfg.num_experts)], dtype=object)
+    return np.array(p.hf, dtype=object)
 
 
 def hf_shape(cfg: Qwen2MoeConfig, p: Param) -> tuple[int, ...]:
@@ -147,8 +143,8 @@ def check_tensors(cfg: Qwen2MoeConfig, tensors: dict[str, TensorRef]) -> dict[st
 
 
 def read_block(cfg: Qwen2MoeConfig, p: Param, tensors: dict[str, TensorRef], index=None, dtype=None) -> np.ndarray:
-    """The block ``index`` (a tuple of slices over our stacked shape) of parameter ``p``, read from the HF
-    tensors (only the bytes of that block) and cast to ``dtype``."""
+    """The block ``index`` (a tuple of slices over our shape) of parameter ``p``, read from the HF tensors
+    (only the bytes of that block) and cast to ``dtype``."""
     shape = param_shape(cfg, p)
     index = tuple(index) if index is not None else ()
     index = index + (slice(None),) * (len(shape) - len(index))
@@ -158,9 +154,7 @@ def read_block(cfg: Qwen2MoeConfig, p: Param, tensors: dict[str, TensorRef], ind
 
     def one(name):
         a = tensors[name].array()
-        if p.transpose:
-            a = a.T
-        return np.asarray(a[inner], dtype=dtype)
+        return np.asarray((a.T if p.transpose else a)[inner], dtype=dtype)
 
     if n == 0:
         return one(str(names))
@@ -174,16 +168,30 @@ def iter_params(cfg: Qwen2MoeConfig) -> Iterator[tuple[Param, tuple[int, ...]]]:
         yield p, param_shape(cfg, p)
 
 
+def nest(items: Iterable[tuple[tuple[str, ...], object]]) -> dict:
+    """A nested dict from ``(path, value)`` pairs, keyed as the module tree is (a layer's index as an int)."""
+    tree: dict = {}
+    for path, value in items:
+        keys = [int(k) if k.isdigit() else k for k in path]
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def lookup(tree: dict, path: tuple[str, ...]):
+    """The value at ``path`` in a nested dict keyed either way (a layer's index as a string or an int)."""
+    for key in path:
+        tree = tree[key] if key in tree else tree[int(key)]
+    return tree
+
+
 def load_hf(directory: str, cfg: Qwen2MoeConfig, dtype, shardings=None) -> dict:
     """A nested dict of ``jax.Array`` parameters read from an HF directory; with ``shardings`` (a dict
     path -> Sharding), each device reads and receives only its own block."""
     tensors = check_tensors(cfg, read_tensors(directory))
-    tree: dict = {}
-    for p, shape in iter_params(cfg):
-        sharding = (shardings or {}).get(p.path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        arr = jax.make_array_from_callback(shape, sharding, lambda idx, p=p: read_block(cfg, p, tensors, idx, dtype))
-        node = tree
-        for key in p.path[:-1]:
-            node = node.setdefault(key, {})
-        node[p.path[-1]] = arr
-    return tree
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return nest((p.path, jax.make_array_from_callback(
+        shape, (shardings or {}).get(p.path) or default, lambda idx, p=p: read_block(cfg, p, tensors, idx, dtype)))
+        for p, shape in iter_params(cfg))

@@ -83,13 +83,14 @@ def _train_moe_impl(model, moe_impl, num_tokens: int):
     cfg = model.config
     if moe_impl != "auto" or not cfg.num_sparse_layers:
         return moe_impl
-    impl = moe.choose(num_tokens, cfg.num_experts_per_tok, cfg.num_experts)
-    impl = "dense" if impl == "loop" else impl
     mesh = getattr(model, "mesh", None)
+    platform = moe.canonical_platform(mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
+    impl = moe.choose(num_tokens, cfg.num_experts_per_tok, cfg.num_experts, platform)
+    impl = "dense" if impl == "loop" else impl
     if mesh is not None and mesh.size > 1:
         from .sharding import expert_parallel_moe
 
-        return expert_parallel_moe(mesh, impl)
+        return expert_parallel_moe(mesh, impl, platform)
     return impl
 
 
@@ -252,7 +253,7 @@ def _init_opt_state(tc: TrainConfig, params):
 
 def _tree_from_paths(flat: dict, params) -> dict:
     """A tree shaped like ``params`` with the value ``flat[path]`` at each leaf."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: flat[tuple(k.key for k in path)], params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: flat[tuple(str(k.key) for k in path)], params)
 
 
 def state_shardings(cfg: Qwen2MoeConfig, tc: TrainConfig, mesh, params) -> TrainState:

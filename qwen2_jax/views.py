@@ -77,3 +77,26 @@ def slices(stack: jax.Array) -> tuple[jax.Array, ...]:
     if views and views[0].unsafe_buffer_pointer() != stack.unsafe_buffer_pointer():  # imported as a copy
         return tuple(stack[i] for i in range(stack.shape[0]))
     return views
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def expert_views(model):
+    """Per layer, the routed experts as ``(gate_proj, up_proj, down_proj)`` tuples of per-expert views of the
+    layer's stacks (None for a dense layer), where ``slices`` makes views: on XLA:CPU, for a model of one
+    device; None elsewhere. Made on first use and kept, with the model, while its weights are the same arrays."""
+    sparse = [layer.mlp.experts for layer in model.model.layers if layer.sparse]
+    if not sparse or getattr(model, "mesh", None) is not None:
+        return None
+    stacks = [p[...] for e in sparse for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    if not all(can_alias(a) for a in stacks) or stacks[0].dtype != np.dtype(sparse[0].dtype):
+        return None
+    cached = _CACHE.get(model)
+    if cached is not None and all(r() is a for r, a in zip(cached[0], stacks)):
+        return cached[1]
+    it = iter(stacks)
+    out = tuple((slices(next(it)), slices(next(it)), slices(next(it))) if layer.sparse else None
+                for layer in model.model.layers)
+    _CACHE[model] = (tuple(weakref.ref(a) for a in stacks), out)
+    return out

@@ -88,7 +88,7 @@ def main():
                 fn = jax.jit(lambda *a, m=m: moe.dispatch(*a, impl=m))
             ms[m] = 1e3 * time_fn(fn, (x, w, idx, gate, up, down), args.repeats)
         best = min((m for m in ms if ms[m] == ms[m]), key=ms.get)
-        auto = moe.choose(t, k, e, per_expert=args.per_expert)
+        auto = moe.choose(t, k, e, jax.default_backend(), per_expert=args.per_expert)
         if auto == "grouped":
             block = moe.group_block(t, k, e, minimum=2 if args.per_expert else 8)
             auto += f"/{block}:{moe.group_step(block)}"

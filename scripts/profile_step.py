@@ -1,5 +1,5 @@
-"""Where a jitted forward's time goes on XLA:CPU: a `jax.profiler` trace of generation's forward (per-layer and
-per-expert views, into a KV cache), summed by kind of XLA operation; the sections of docs/performance.md
+"""Where a jitted forward's time goes on XLA:CPU: a `jax.profiler` trace of generation's forward (the experts
+as per-expert views, into a KV cache), summed by kind of XLA operation; the sections of docs/performance.md
 "Where the time goes now" come from it.
 
     python scripts/profile_step.py --batch 1 --tokens 1      # a decode step against a 256-slot cache
@@ -27,7 +27,7 @@ from flax import nnx
 
 from qwen2_jax.cache import KVCache
 from qwen2_jax.config import load_config
-from qwen2_jax.generate import layer_params
+from qwen2_jax.views import expert_views
 from qwen2_jax.model import init_random
 
 
@@ -41,7 +41,7 @@ def main():
     cfg = load_config(args.config)
     model = init_random(cfg, dtype=jnp.float32)
     graphdef, params = nnx.split(model)
-    views = layer_params(model)
+    views = expert_views(model)
     b, t = args.batch, args.tokens
     ids = jnp.asarray(np.random.default_rng(0).integers(100, cfg.vocab_size, (b, t)), jnp.int32)
 
@@ -50,7 +50,8 @@ def main():
         cache = KVCache.create(cfg, b, 256 if t == 1 else t)
         if t == 1:
             cache = dataclasses.replace(cache, valid=cache.valid.at[:, :129].set(True), index=jnp.int32(128))
-        out = nnx.merge(graphdef, params).forward(ids, cache=cache, last_only=True, layer_params=views)
+        out = nnx.merge(graphdef, params).forward(ids, cache=cache, last_only=True, platform="cpu",
+                                                  expert_views=views)
         return out.logits, out.cache
 
     for _ in range(2):

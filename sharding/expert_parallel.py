@@ -3,9 +3,10 @@
 The routed experts are sharded over the ``expert`` axis (and their intermediate dim over ``tensor``, see
 ``rules.RULES``). Every token is replicated over the expert shards (tokens are split over ``data`` only);
 each shard runs its own experts with one of ``qwen2_jax.moe``'s implementations, with the routing ids
-remapped to its local slice and the pairs routed to other shards masked out (weight 0), and one ``psum``
-over expert x tensor adds the partial results. No expert weight ever leaves its device; what moves is one
-``[tokens, hidden]`` all-reduce per MoE layer.
+remapped to its local slice and the pairs routed to other shards masked out (weight 0). The shared expert
+(its intermediate dim over ``tensor``) runs in the same ``shard_map``: its partial sums, already scaled by
+the sigmoid gate, join the experts' on the first expert shard, so that one ``psum`` over expert x tensor adds
+everything. No weight ever leaves its device; what moves is one ``[tokens, hidden]`` all-reduce per MoE layer.
 """
 
 from __future__ import annotations
@@ -27,24 +28,35 @@ def shard_map(f, mesh: Mesh, in_specs, out_specs):
     return legacy(f, mesh, in_specs, out_specs, check_rep=False)
 
 
-def expert_parallel_moe(mesh: Mesh, impl: str = "auto"):
-    """A callable with the ``Experts`` impl signature ``(x[T,H], weights[T,K], experts[T,K], gate_proj[E,H,I],
-    up_proj[E,H,I], down_proj[E,I,H]) -> [T,H]`` running expert-parallel on ``mesh``; ``impl`` is the
-    ``qwen2_jax.moe`` implementation each shard runs on its local experts ("auto" chooses per shard)."""
+def _linear_swiglu(x, gate, up, down):
+    """The shared expert (``model.MLP``) on the ``[out, in]`` weights of its Linear layers."""
+    h = jax.nn.silu(jnp.einsum("th,sh->ts", x, gate)) * jnp.einsum("th,sh->ts", x, up)
+    return jnp.einsum("ts,hs->th", h, down)
+
+
+def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = None):
+    """A callable ``(x[T,H], weights[T,K], experts[T,K], gate_proj[E,H,I], up_proj[E,H,I], down_proj[E,I,H],
+    shared=None) -> [T,H]`` running the routed experts expert-parallel on ``mesh``, plus, with ``shared =
+    (gate[T,1], gate_proj[S,H], up_proj[S,H], down_proj[H,S])``, the shared expert scaled by its gate value;
+    ``impl`` is the ``qwen2_jax.moe`` implementation each shard runs on its local experts ("auto" chooses per
+    shard, for ``platform``, default the mesh's)."""
+    platform = moe.canonical_platform(platform or mesh.devices.flat[0].platform)
     n_expert, n_tensor, n_data = mesh.shape["expert"], mesh.shape["tensor"], mesh.shape["data"]
 
-    def run(x, weights, experts, gate_proj, up_proj, down_proj):
+    def run(x, weights, experts, gate_proj, up_proj, down_proj, shared=None):
         num_experts, _, inner = gate_proj.shape
         if num_experts % n_expert:
             raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's expert axis ({n_expert})")
         # The same layouts as rules.logical_spec gives the weights, so that shard_map moves nothing.
         tokens = "data" if n_data > 1 and x.shape[0] % n_data == 0 else None
-        mlp = "tensor" if n_tensor > 1 and inner % n_tensor == 0 else None
-        reduce_over = ("expert", "tensor") if mlp else ("expert",)
+        split = lambda n: "tensor" if n_tensor > 1 and n % n_tensor == 0 else None
+        mlp = split(inner)
+        shared_mlp = split(shared[1].shape[0]) if shared is not None else None
+        reduce_over = ("expert", "tensor") if mlp or shared_mlp else ("expert",)
 
-        def local(x, weights, experts, gate_proj, up_proj, down_proj):
+        def local(x, weights, experts, gate_proj, up_proj, down_proj, *shared):
             n_local = gate_proj.shape[0]
-            here = moe.choose(x.shape[0], experts.shape[1], n_local) if impl == "auto" else impl
+            here = moe.choose(x.shape[0], experts.shape[1], n_local, platform) if impl == "auto" else impl
             ids = experts - jax.lax.axis_index("expert") * n_local
             mine = (ids >= 0) & (ids < n_local)
             # Pairs routed to other shards get weight 0 and the id one past the last local expert, which the
@@ -53,11 +65,23 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto"):
             elsewhere = 0 if here == "gather" else n_local
             out = moe.dispatch(x, jnp.where(mine, weights, 0), jnp.where(mine, ids, elsewhere),
                                gate_proj, up_proj, down_proj, impl=here)
+            if "tensor" in reduce_over and not mlp:  # experts whole on every tensor shard: add them once
+                out = jnp.where(jax.lax.axis_index("tensor") == 0, out, 0)
+            if shared:
+                gate, *weights_s = shared
+                part = _linear_swiglu(x, *weights_s) * gate
+                first = jax.lax.axis_index("expert") == 0
+                if "tensor" in reduce_over and not shared_mlp:
+                    first &= jax.lax.axis_index("tensor") == 0
+                out = out + jnp.where(first, part, 0).astype(out.dtype)
             return jax.lax.psum(out, reduce_over)
 
         t = P(tokens)
-        return shard_map(local, mesh,
-                         in_specs=(t, t, t, P("expert", None, mlp), P("expert", None, mlp), P("expert", mlp, None)),
-                         out_specs=t)(x, weights, experts, gate_proj, up_proj, down_proj)
+        specs = [t, t, t, P("expert", None, mlp), P("expert", None, mlp), P("expert", mlp, None)]
+        args = [x, weights, experts, gate_proj, up_proj, down_proj]
+        if shared is not None:
+            specs += [t, P(shared_mlp, None), P(shared_mlp, None), P(None, shared_mlp)]
+            args += list(shared)
+        return shard_map(local, mesh, in_specs=tuple(specs), out_specs=t)(*args)
 
     return run

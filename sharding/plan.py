@@ -9,14 +9,13 @@ Simulates ``--devices`` CPU devices (so that it runs anywhere) and reports, for 
   token per device;
 - with ``--hlo``: the collectives of one compiled decode step (the SPMD-partitioned HLO of XLA:CPU, abstract
   inputs, nothing allocated), with how often each runs per step and the bytes each device sends under the
-  ring algorithm (arithmetic: all-reduce 2(n-1)/n x size, all-gather (n-1)/n x result size).
+  ring algorithm (arithmetic: all-reduce 2(n-1)/n x size, all-gather (n-1)/n x size).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
@@ -55,9 +54,10 @@ def kv_bytes_per_token(cfg, mesh, itemsize: int) -> tuple[int, int]:
     from .rules import cache_shardings
 
     rows = mesh.shape["data"]  # one sequence per data shard
-    shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, 1, cfg.head_dim)
-    total = 2 * math.prod(shape) * itemsize // rows
-    return total, 2 * math.prod(cache_shardings(cfg, mesh).k.shard_shape(shape)) * itemsize
+    shape = (rows, cfg.num_key_value_heads, 1, cfg.head_dim)  # one layer's keys
+    per_layer = cache_shardings(cfg, mesh).k[0].shard_shape(shape)
+    total = 2 * cfg.num_hidden_layers * math.prod(shape) * itemsize // rows
+    return total, 2 * cfg.num_hidden_layers * math.prod(per_layer) * itemsize
 
 
 def decode_hlo(cfg, mesh, dtype, batch: int, cache_len: int) -> str:
@@ -67,19 +67,15 @@ def decode_hlo(cfg, mesh, dtype, batch: int, cache_len: int) -> str:
 
     from qwen2_jax.cache import KVCache
     from qwen2_jax.model import abstract_model
-    from qwen2_jax.params import iter_params
+    from qwen2_jax.params import iter_params, nest
 
     from .rules import batch_sharding, cache_shardings, param_shardings
 
     model = abstract_model(cfg, dtype=dtype)
     model.mesh = mesh  # so that forward dispatches the experts expert-parallel
     shardings = param_shardings(cfg, mesh)
-    tree: dict = {}
-    for p, shape in iter_params(cfg):
-        node = tree
-        for key in p.path[:-1]:
-            node = node.setdefault(key, {})
-        node[p.path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[p.path])
+    tree = nest((p.path, jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[p.path]))
+                for p, shape in iter_params(cfg))
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, tree)
     cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, cache_len, dtype))
@@ -94,49 +90,18 @@ def decode_hlo(cfg, mesh, dtype, batch: int, cache_len: int) -> str:
     return jax.jit(step, donate_argnums=2).lower(state, token, cache).compile().as_text()
 
 
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+def collectives(hlo: str) -> list[dict]:
+    """Each kind of collective in the HLO with its group size, buffer bytes, runs per step (``hlo_cost``) and
+    the bytes each device sends per run under the ring algorithm."""
+    from qwen2_jax import hlo_cost
 
-
-def collectives(hlo: str, num_layers: int, itemsize: int) -> list[dict]:
-    """Each collective of the HLO: op, shapes, group size, runs per step (``num_layers`` inside the layer
-    scan's loop body), buffer bytes and bytes each device sends per run (ring algorithm).
-
-    XLA:CPU computes bfloat16 in float32 and so reduces bf16 activations as f32 (``_promoted`` reductions);
-    those are counted at the model's ``itemsize``, as an accelerator moves them."""
     out = []
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*(.*?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
-                      line)
-        if not m:
-            continue
-        shapes = re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))
-        promoted = "_promoted" in line
-        size = sum((itemsize if promoted else _BYTES.get(t, 4)) * math.prod(int(d) for d in dims.split(",") if d)
-                   for t, dims in shapes)
-        group = _group_size(line)
-        op = m.group(2)
-        factor = {"all-reduce": 2 * (group - 1) / group, "all-gather": (group - 1) / group,
-                  "reduce-scatter": (group - 1), "all-to-all": (group - 1) / group}.get(op, 1.0)
-        name = re.search(r'op_name="([^"]*)"', line)
-        runs = num_layers if name and "/while/body/" in name.group(1) else 1
-        out.append(dict(op=op, shapes=" ".join(f"{t}[{d}]" for t, d in shapes) + (" (promoted)" if promoted else ""),
-                        group=group, runs=runs,
-                        bytes=size, sent=factor * size, where=name.group(1).split("/")[-1].rstrip(")") if name else ""))
+    for c in hlo_cost.analyze(hlo).collectives:
+        n = c["group"]
+        factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": (n - 1),
+                  "all-to-all": (n - 1) / n}.get(c["kind"], 1.0)
+        out.append(dict(c, sent=factor * c["bytes"]))
     return out
-
-
-def _group_size(line: str) -> int:
-    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-    if m:
-        return len(m.group(1).split(","))
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form [groups, size]
-    if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)  # named-axis form
-    if m:
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
-    return 1
 
 
 def main(argv=None) -> int:
@@ -188,13 +153,14 @@ def main(argv=None) -> int:
               f"({rows} shard{'s' if rows > 1 else ''}), before activations and workspace")
     if args.hlo:
         dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-        ops = collectives(decode_hlo(cfg, mesh, dtype, args.batch, args.cache_len), cfg.num_hidden_layers, itemsize)
-        print(f"decode step, batch {args.batch}: collectives in the compiled HLO (XLA:CPU SPMD partitioner)")
+        ops = collectives(decode_hlo(cfg, mesh, dtype, args.batch, args.cache_len))
+        print(f"decode step, batch {args.batch}: collectives in the compiled HLO (XLA:CPU SPMD partitioner; "
+              f"`qwen2-jax aot` compiles for a TPU slice)")
         for c in ops:
-            print(f"  {c['op']:<14} {c['shapes']:<28} group {c['group']}  x{c['runs']:<3} "
-                  f"{c['bytes']:>10,} B buffer, {c['sent']:>12,.0f} B sent per device per run  ({c['where']})")
-        print(f"  total per decode step: {sum(c['runs'] for c in ops)} collectives, "
-              f"{sum(c['runs'] * c['sent'] for c in ops):,.0f} bytes sent per device (ring arithmetic)")
+            print(f"  {c['kind']:<14} group {c['group']}  x{c['count']:<4g} {c['bytes']:>10,} B buffer, "
+                  f"{c['sent']:>12,.0f} B sent per device per run")
+        print(f"  total per decode step: {sum(c['count'] for c in ops):g} collectives, "
+              f"{sum(c['count'] * c['sent'] for c in ops):,.0f} bytes sent per device (ring arithmetic)")
     return 0
 
 

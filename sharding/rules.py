@@ -1,7 +1,7 @@
 """Partition rules: every parameter and cache array, from its logical axes to the mesh, in one table.
 
-Parameters carry logical axes in ``qwen2_jax.params.param_table`` (e.g. ``("layers", "experts", "embed",
-"moe_mlp")``); ``RULES`` maps each logical axis to a mesh axis. A dimension whose units (heads for the head
+Parameters carry logical axes in ``qwen2_jax.params.param_table`` (e.g. ``("experts", "embed", "moe_mlp")``);
+``RULES`` maps each logical axis to a mesh axis. A dimension whose units (heads for the head
 axes, elements otherwise) do not divide by its mesh axis is replicated instead, except the experts, which
 must divide: an expert split in two would need a different dispatch.
 """
@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen2_jax.cache import KVCache
 from qwen2_jax.config import Qwen2MoeConfig
-from qwen2_jax.params import param_shape, param_table
+from qwen2_jax.params import lookup, nest, param_shape, param_table
 
 # logical axis -> mesh axis (None: replicated).
 RULES: dict[str | None, str | None] = {
@@ -27,7 +27,6 @@ RULES: dict[str | None, str | None] = {
     "mlp": "tensor",         # the dense layers' intermediate dim (none in Qwen2-57B-A14B)
     "vocab": "tensor",       # embedding and lm_head rows
     "batch": "data",         # inputs, KV cache, logits
-    "layers": None,          # the scan axis: every device runs every layer
     "embed": None,           # the residual stream stays whole on every device
     None: None,              # router and shared-expert gate outputs (64 and 1 wide)
 }
@@ -64,13 +63,14 @@ def param_shardings(cfg: Qwen2MoeConfig, mesh: Mesh) -> dict[tuple[str, ...], Na
 
 
 def cache_shardings(cfg: Qwen2MoeConfig, mesh: Mesh, batch: int | None = None) -> KVCache:
-    """A ``KVCache`` of NamedShardings: batch over ``data``, KV heads over ``tensor`` when they divide.
-    The same for every batch size (``batch`` is accepted for callers that pass it); a batch that does not
-    divide by the data axis is refused by ``check_batch`` or placing the arrays."""
-    kv = logical_spec(cfg, mesh, ("layers", "batch", "kv_heads", None, None),
-                      (cfg.num_hidden_layers, mesh.shape["data"], cfg.num_key_value_heads, 1, cfg.head_dim))
-    return KVCache(k=NamedSharding(mesh, kv), v=NamedSharding(mesh, kv),
-                   valid=NamedSharding(mesh, P("data", None)), index=NamedSharding(mesh, P()))
+    """A ``KVCache`` of NamedShardings: each layer's keys and values with the batch over ``data`` and the KV
+    heads over ``tensor`` when they divide. The same for every batch size (``batch`` is accepted for callers
+    that pass it); a batch that does not divide by the data axis is refused by ``check_batch`` or placing the
+    arrays."""
+    kv = NamedSharding(mesh, logical_spec(cfg, mesh, ("batch", "kv_heads", None, None),
+                                          (mesh.shape["data"], cfg.num_key_value_heads, 1, cfg.head_dim)))
+    layers = (kv,) * cfg.num_hidden_layers
+    return KVCache(k=layers, v=layers, valid=NamedSharding(mesh, P("data", None)), index=NamedSharding(mesh, P()))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -96,14 +96,12 @@ def shard_model(model, mesh: Mesh):
     shardings = param_shardings(model.config, mesh)
     state = nnx.state(model)
     tree = nnx.to_pure_dict(state)
+    placed = []
     for path, sharding in shardings.items():
-        node = tree
-        for key in path[:-1]:
-            node = node[key]
-        host = np.asarray(node[path[-1]])
+        host = np.asarray(lookup(tree, path))
         # From a host copy, so that it works with devices of other processes too (each process its own blocks).
-        node[path[-1]] = jax.make_array_from_callback(host.shape, sharding, lambda idx, host=host: host[idx])
-    nnx.replace_by_pure_dict(state, tree)
+        placed.append((path, jax.make_array_from_callback(host.shape, sharding, lambda idx, host=host: host[idx])))
+    nnx.replace_by_pure_dict(state, nest(placed))
     nnx.update(model, state)
     model.mesh = mesh
     return model

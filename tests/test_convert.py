@@ -26,7 +26,7 @@ from hf_reference import TINY, make_hf_model, save_hf
 from qwen2_jax.config import Qwen2MoeConfig
 from qwen2_jax.convert import convert, restore_params, write_hf_checkpoint
 from qwen2_jax.hf_files import CheckpointError
-from qwen2_jax.params import iter_params, load_hf
+from qwen2_jax.params import iter_params, load_hf, lookup, nest
 
 IDS = np.array([[3, 17, 99, 4, 56, 120, 7, 1], [8, 8, 2, 77, 31, 5, 64, 90]])
 TINY_CFG = Qwen2MoeConfig.from_dict({"model_type": "qwen2_moe", **TINY})
@@ -43,7 +43,7 @@ def only_convert_subcommand(monkeypatch):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    # one dense (MLP-only) layer among the MoE layers, so both stacks are converted
+    # one dense (MLP-only) layer among the MoE layers, so both kinds of layer are converted
     return save_hf(make_hf_model(seed=3, mlp_only_layers=[1]), tmp_path_factory.mktemp("hf"))
 
 
@@ -118,10 +118,7 @@ def test_restore_places_each_array_in_its_requested_sharding(converted):
                  for p, s in iter_params(cfg)}
     tree = restore_params(converted, cfg, jnp.float32, shardings)
     for p, _ in iter_params(cfg):
-        node = tree
-        for key in p.path:
-            node = node[key]
-        assert node.sharding == shardings[p.path]
+        assert lookup(tree, p.path).sharding == shardings[p.path]
 
 
 def test_restore_splits_arrays_over_devices_each_holding_its_own_slice(converted, tmp_path):
@@ -131,25 +128,23 @@ import jax, numpy as np, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from qwen2_jax.config import Qwen2MoeConfig
 from qwen2_jax.convert import restore_params
-from qwen2_jax.params import iter_params, load_hf
+from qwen2_jax.params import iter_params, load_hf, lookup
 cfg = Qwen2MoeConfig.from_json({str(converted)!r})
 mesh = jax.make_mesh((2, 2), ("a", "b"))
 def spec(p, shape):
     if "experts" in p.path:
-        return P(None, ("a", "b"))
-    return P(None, "a", "b") if len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0 else P()
+        return P(("a", "b"))
+    return P("a", "b") if len(shape) == 2 and shape[0] % 2 == 0 and shape[1] % 2 == 0 else P()
 shardings = {{p.path: NamedSharding(mesh, spec(p, s)) for p, s in iter_params(cfg)}}
 tree = restore_params({str(converted)!r}, cfg, jnp.float32, shardings)
 for p, s in iter_params(cfg):
-    node = tree
-    for k in p.path:
-        node = node[k]
+    node = lookup(tree, p.path)
     assert node.sharding == shardings[p.path], p.path
     whole = np.asarray(node)
     for shard in node.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index])
     if "experts" in p.path:
-        assert {{shard.data.shape[1] for shard in node.addressable_shards}} == {{s[1] // 4}}
+        assert {{shard.data.shape[0] for shard in node.addressable_shards}} == {{s[0] // 4}}
 print("ok", len(jax.devices()))
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -169,10 +164,7 @@ def test_from_pretrained_restores_a_converted_directory_onto_a_mesh(hf_dir, conv
     shardings = param_shardings(cfg, mesh)
     tree = nnx.to_pure_dict(nnx.state(model))
     for p, _ in iter_params(cfg):
-        node = tree
-        for key in p.path:
-            node = node[key]
-        assert node.sharding == shardings[p.path], p.path
+        assert lookup(tree, p.path).sharding == shardings[p.path], p.path
     _assert_same_params(tree, load_hf(hf_dir, cfg, jnp.float32))
 
 
@@ -182,8 +174,8 @@ def test_restore_refuses_a_checkpoint_that_does_not_match_config_json(converted,
     raw = json.loads((copy / "config.json").read_text())
     raw["moe_intermediate_size"] = 48
     (copy / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match=r"parameter model/layers/mlp/experts/gate_proj has shape "
-                                              r"\[2, 8, 64, 32\], expected \[2, 8, 64, 48\] from config.json"):
+    with pytest.raises(CheckpointError, match=r"parameter model/layers/0/mlp/experts/gate_proj has shape "
+                                              r"\[8, 64, 32\], expected \[8, 64, 48\] from config.json"):
         qwen2_jax.from_pretrained(copy, dtype="float32")
 
 
@@ -229,7 +221,8 @@ def test_output_holds_config_generation_config_tokenizer_files_and_metadata(hf_d
     assert on_disk["qwen2_jax_version"] == qwen2_jax.__version__
     assert on_disk["dtype"] == "float32"
     assert on_disk["source"]["files"] == [{"name": "model.safetensors", "bytes": os.path.getsize(src / "model.safetensors")}]
-    assert on_disk["params"]["model/layers/mlp/experts/up_proj"] == {"shape": [2, 8, 64, 32], "dtype": "float32"}
+    assert on_disk["params"]["model/layers/2/mlp/experts/up_proj"] == {"shape": [8, 64, 32], "dtype": "float32"}
+    assert on_disk["params"]["model/layers/1/mlp/up_proj/weight"] == {"shape": [96, 64], "dtype": "float32"}
     assert {k: v for k, v in meta.items() if k != "seconds"} == on_disk
     assert sorted(os.listdir(out / "params")) and "_METADATA" in os.listdir(out / "params")
 
@@ -441,10 +434,8 @@ def test_written_hf_checkpoint_loads_in_transformers_with_matching_logits(tmp_pa
     for p, shape in iter_params(cfg):
         # router weights wide, so that top-k does not hinge on rounding; norms near one
         std = 1.0 if p.path[-2] == "gate" else 0.1 if "norm" in p.path[-2] else 0.05
-        node = params
-        for key in p.path[:-1]:
-            node = node.setdefault(key, {})
-        node[p.path[-1]] = ((1.0 if "norm" in p.path[-2] else 0.0) + std * rng.standard_normal(shape)).astype(np.float32)
+        params[p.path] = ((1.0 if "norm" in p.path[-2] else 0.0) + std * rng.standard_normal(shape)).astype(np.float32)
+    params = nest(params.items())
     write_hf_checkpoint(cfg, tmp_path / "hf", params=params)
     _assert_same_params(load_hf(str(tmp_path / "hf"), cfg, jnp.float32), params)
     hf = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -471,7 +462,7 @@ def test_written_checkpoint_sharded_in_bfloat16_has_an_index_and_reads_back(tmp_
     assert names["model.norm.weight"].dtype == torch.bfloat16
     np.testing.assert_array_equal(names["model.norm.weight"].float().numpy(), np.ones(64, np.float32))
     gate = names["model.layers.1.mlp.experts.6.gate_proj.weight"].float().numpy()
-    np.testing.assert_array_equal(gate.T, np.asarray(ours["model"]["layers"]["mlp"]["experts"]["gate_proj"][1, 6]))
+    np.testing.assert_array_equal(gate.T, np.asarray(ours["model"]["layers"][1]["mlp"]["experts"]["gate_proj"][6]))
     assert 0.015 < gate.std() < 0.025
 
 

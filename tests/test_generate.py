@@ -172,7 +172,7 @@ def test_the_decode_loop_updates_the_cache_in_place(models):
                          repetition_penalty=1.0, seed=0, eos_token_ids=(), truncate=False)
     state = gen._start(batch)
     after = gen._run(batch, state, 8)
-    assert state.cache.k.is_deleted() and state.cache.v.is_deleted()  # donated: XLA wrote into its buffers
+    assert all(a.is_deleted() for a in state.cache.k + state.cache.v)  # donated: XLA wrote into its buffers
     assert int(after.step) == 8 and int(after.cache.index) == 16 + 7
 
 
@@ -239,7 +239,7 @@ def test_bfloat16_generation_keeps_a_bfloat16_cache_and_starts_as_float32_does(m
     prompts = prompts_of([7, 16, 1, 12], seed=6)
     batch = gen._prepare(bf16, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
                          repetition_penalty=1.0, seed=0, eos_token_ids=(), truncate=False)
-    assert gen._start(batch).cache.k.dtype == "bfloat16"
+    assert {str(a.dtype) for a in gen._start(batch).cache.k} == {"bfloat16"}
     # bf16 rounding changes later tokens of a random model, but not the first choices of these prompts
     first = lambda m: [row[:2] for row in generate(m, prompts, max_new_tokens=64, eos_token_ids=())]
     assert first(bf16) == first(model)
@@ -268,7 +268,7 @@ def test_generation_under_a_device_mesh_gives_the_same_tokens(models, tmp_path):
         gen = importlib.import_module("qwen2_jax.generate")
         batch = gen._prepare(sharded, prompts, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
                              eos_token_ids=(), truncate=False, max_new_tokens=12)
-        assert not gen._start(batch).cache.k.sharding.is_fully_replicated
+        assert not gen._start(batch).cache.k[0].sharding.is_fully_replicated
         assert qwen2_jax.generate(sharded, prompts, **kw) == qwen2_jax.generate(alone, prompts, **kw)
         print("ok")
     """)
@@ -286,20 +286,22 @@ def test_a_grown_cache_keeps_its_slots_and_adds_empty_ones():
     cfg = Qwen2MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)
     cache = KVCache.create(cfg, 2, 3)
-    cache = cache.update(1, jnp.ones((2, 1, 3, cfg.head_dim)), 2 * jnp.ones((2, 1, 3, cfg.head_dim)))
+    cache = cache.update(1, jnp.ones((2, 1, 3, cfg.head_dim)), 2 * jnp.ones((2, 1, cfg.head_dim, 3)))
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, 1:].set(True), index=jnp.int32(3))
     grown = cache.grow(8)
     assert grown.max_len == 8 and int(grown.index) == 3
-    np.testing.assert_array_equal(np.asarray(grown.k[:, :, :, :3]), np.asarray(cache.k))
-    np.testing.assert_array_equal(np.asarray(grown.v[:, :, :, :3]), np.asarray(cache.v))
-    assert not np.asarray(grown.k[:, :, :, 3:]).any() and not np.asarray(grown.valid[:, 3:]).any()
+    for layer in range(2):  # keys [B, Hkv, S, D], values [B, Hkv, D, S]
+        np.testing.assert_array_equal(np.asarray(grown.k[layer][:, :, :3]), np.asarray(cache.k[layer]))
+        np.testing.assert_array_equal(np.asarray(grown.v[layer][..., :3]), np.asarray(cache.v[layer]))
+        assert not np.asarray(grown.k[layer][:, :, 3:]).any() and not np.asarray(grown.v[layer][..., 3:]).any()
+    assert np.asarray(grown.v[1][..., :3]).min() == 2 and not np.asarray(grown.valid[:, 3:]).any()
     np.testing.assert_array_equal(np.asarray(grown.valid[:, :3]), np.asarray(cache.valid))
     with pytest.raises(ValueError, match="cannot shrink a KV cache of 3 slots to 2"):
         cache.grow(2)
 
 
-def test_new_weights_are_used_after_an_update_not_the_cached_layer_views(tmp_path):
-    """Generation on XLA:CPU keeps per-layer views of a model's weights; after the weights change (a training
+def test_new_weights_are_used_after_an_update_not_the_cached_expert_views(tmp_path):
+    """Generation on XLA:CPU keeps per-expert views of a model's experts; after the weights change (a training
     step, ``nnx.update``), it must generate from the new ones."""
     import jax
     from flax import nnx
@@ -313,7 +315,9 @@ def test_new_weights_are_used_after_an_update_not_the_cached_layer_views(tmp_pat
     model, other = init_random(cfg, seed=0), init_random(cfg, seed=1)
     prompt = [[3, 14, 15, 92, 65]]
     first = generate(model, prompt, max_new_tokens=12, eos_token_ids=())
-    assert gen.layer_params(model) is not None  # the views are cached for this model
+    from qwen2_jax import views
+
+    assert views.expert_views(model) is views.expert_views(model) is not None  # cached for this model
     nnx.update(model, jax.tree.map(lambda a: a.copy(), nnx.state(other)))
     assert generate(model, prompt, max_new_tokens=12, eos_token_ids=()) == generate(
         other, prompt, max_new_tokens=12, eos_token_ids=()) != first

@@ -49,14 +49,16 @@ def test_bfloat16_dispatch_stays_close_to_float32():
         assert np.abs(np.asarray(out, np.float32) - ref).max() <= 0.05 * np.abs(ref).max(), impl
 
 
-def test_auto_choice_by_backend_and_token_count():
+def test_auto_choice_by_platform_and_token_count():
     assert moe.choose(1, 8, 64, "cpu") == "loop"
     assert moe.choose(8, 8, 64, "cpu") == "loop"
     assert moe.choose(16, 8, 64, "cpu") == "grouped"
     assert moe.choose(512, 8, 64, "cpu") == "grouped"
-    assert moe.choose(1, 8, 64, "gpu") == "gather"
-    assert moe.choose(64, 8, 64, "gpu") == "dense"
-    assert moe.choose(2048, 8, 64, "gpu") == "grouped"
+    assert moe.choose(1, 8, 64, "gpu") == moe.choose(7, 8, 64, "cuda") == "gather"  # fewer pairs than experts
+    assert moe.choose(8, 8, 64, "gpu") == moe.choose(2048, 8, 64, "gpu") == "dense"
+    assert moe.choose(1, 8, 64, "tpu") == "loop"
+    assert moe.choose(64, 8, 64, "tpu") == "dense"
+    assert moe.choose(2048, 8, 64, "tpu") == "ragged"
     assert moe.choose(1, 8, 64, "cpu", per_expert=True) == "loop"
     assert moe.choose(8, 8, 64, "cpu", per_expert=True) == "grouped"
     assert moe.group_block(8, 8, 64) == 8 and moe.group_block(8, 8, 64, minimum=2) == 2
@@ -107,13 +109,22 @@ def test_grouped_gradient_is_dense_gradient():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", moe.IMPLEMENTATIONS)
-def test_stacked_weights_at_a_layer_index_equal_that_layers_weights(impl):
-    x, weights, idx, g, u, d = _inputs(5)
-    stacks = [jnp.stack([w * 0.5, w, w * 2]) for w in (g, u, d)]
-    want = moe.dispatch(x, weights, idx, g * 2, u * 2, d * 2, impl=impl)
-    got = jax.jit(lambda layer: moe.dispatch(x, weights, idx, *stacks, impl=impl, layer=layer))(jnp.int32(2))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+def test_auto_runs_the_choice_for_the_platform_it_is_given(monkeypatch):
+    chosen = []
+    for name, fn in list(moe._IMPLS.items()):
+        monkeypatch.setitem(moe._IMPLS, name, lambda *a, name=name, fn=fn: chosen.append(name) or fn(*a))
+    args = _inputs(1, experts=64, top_k=8)
+    for platform, want in (("gpu", "gather"), ("tpu", "loop"), ("cpu", "loop")):
+        moe.dispatch(*args, platform=platform)
+        assert chosen[-1] == want, platform
+
+
+def test_platform_of_arrays_and_abstract_arrays_is_where_they_are_placed():
+    x = jnp.zeros(3)
+    assert moe.platform_of({"w": x}) == "cpu"
+    spec = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=x.sharding)
+    assert moe.platform_of([spec]) == "cpu"
+    assert moe.canonical_platform("cuda") == moe.canonical_platform("rocm") == "gpu"
 
 
 def test_unknown_implementation_is_refused():

@@ -80,16 +80,15 @@ def _random_params(cfg, seed=1) -> dict:
     """Random weights in our layout; the router drawn with std 1 so that routing is decisive."""
     from qwen2_jax.params import iter_params
 
+    from qwen2_jax.params import nest
+
     rng = np.random.default_rng(seed)
-    tree: dict = {}
+    values = []
     for p, shape in iter_params(cfg):
         std = 1.0 if p.path[-2] == "gate" else 0.02
         value = rng.normal(1.0, 0.1, shape) if "norm" in p.path[-2] else rng.normal(0.0, std, shape)
-        node = tree
-        for key in p.path[:-1]:
-            node = node.setdefault(key, {})
-        node[p.path[-1]] = value.astype(np.float32)
-    return tree
+        values.append((p.path, value.astype(np.float32)))
+    return nest(values)
 
 
 def _write_checkpoints(cfg, directory) -> dict[str, str]:
@@ -217,17 +216,17 @@ def test_rules_put_experts_on_expert_and_heads_mlp_widths_vocab_on_tensor():
     from qwen2_jax.sharding import make_mesh, param_shardings
 
     specs = {"/".join(k): v.spec for k, v in param_shardings(CFG, make_mesh("expert=4,tensor=2")).items()}
-    assert specs["model/layers/mlp/experts/gate_proj"] == P(None, "expert", None, "tensor")
-    assert specs["model/layers/mlp/experts/down_proj"] == P(None, "expert", "tensor", None)
-    assert specs["model/layers/mlp/shared_expert/up_proj/kernel"] == P(None, None, "tensor")
-    assert specs["model/layers/self_attn/q_proj/kernel"] == P(None, None, "tensor")
-    assert specs["model/layers/self_attn/q_proj/bias"] == P(None, "tensor")
-    assert specs["model/layers/self_attn/o_proj/kernel"] == P(None, "tensor", None)
-    assert specs["model/layers/self_attn/k_proj/kernel"] == P(None, None, "tensor")  # 2 KV heads over 2
+    assert specs["model/layers/2/mlp/experts/gate_proj"] == P("expert", None, "tensor")  # [E, in, out]
+    assert specs["model/layers/2/mlp/experts/down_proj"] == P("expert", "tensor", None)
+    assert specs["model/layers/2/mlp/shared_expert/up_proj/weight"] == P("tensor", None)  # [out, in]
+    assert specs["model/layers/0/self_attn/q_proj/weight"] == P("tensor", None)
+    assert specs["model/layers/0/self_attn/q_proj/bias"] == P("tensor")
+    assert specs["model/layers/0/self_attn/o_proj/weight"] == P(None, "tensor")
+    assert specs["model/layers/0/self_attn/k_proj/weight"] == P("tensor", None)  # 2 KV heads over 2
     assert specs["model/embed_tokens/embedding"] == P("tensor", None)
     assert specs["lm_head/weight"] == P("tensor", None)
-    assert specs["model/layers/mlp/gate/kernel"] == P(None, None, None)  # the router: replicated
-    assert specs["model/layers/input_layernorm/weight"] == P(None, None)
+    assert specs["model/layers/0/mlp/gate/weight"] == P(None, None)  # the router: replicated
+    assert specs["model/layers/0/input_layernorm/weight"] == P(None)
 
 
 @needs_8
@@ -238,10 +237,12 @@ def test_kv_heads_that_do_not_divide_the_tensor_axis_are_replicated_in_weights_a
 
     mesh = make_mesh("expert=2,tensor=4")  # 4 query heads divide, 2 KV heads do not
     specs = param_shardings(CFG, mesh)
-    assert specs[("model", "layers", "self_attn", "k_proj", "kernel")].spec == P(None, None, None)
-    assert specs[("model", "layers", "self_attn", "q_proj", "kernel")].spec == P(None, None, "tensor")
-    assert cache_shardings(CFG, mesh).k.spec == P(None, None, None, None, None)
-    assert cache_shardings(CFG, make_mesh("data=2,expert=2,tensor=2")).k.spec == P(None, "data", "tensor", None, None)
+    assert specs[("model", "layers", "0", "self_attn", "k_proj", "weight")].spec == P(None, None)
+    assert specs[("model", "layers", "0", "self_attn", "q_proj", "weight")].spec == P("tensor", None)
+    assert {s.spec for s in cache_shardings(CFG, mesh).k + cache_shardings(CFG, mesh).v} == {P(None, None, None, None)}
+    split = cache_shardings(CFG, make_mesh("data=2,expert=2,tensor=2"))
+    assert len(split.k) == len(split.v) == CFG.num_hidden_layers
+    assert {s.spec for s in split.k + split.v} == {P("data", "tensor", None, None)}
 
 
 @needs_8
@@ -412,11 +413,13 @@ def test_prefill_and_decode_keep_the_cache_in_its_shardings_and_donate_it(compil
     steps = compiled_steps("data=2,expert=2,tensor=2")
     cache = steps["new_cache"]()
     logits, cache2 = steps["prefill"](steps["params"], steps["ids"], steps["mask"], cache)
-    assert cache.k.is_deleted()  # donated: updated in place
-    assert cache2.k.sharding.is_equivalent_to(steps["cache_sharding"].k, 5)
+    assert all(a.is_deleted() for a in cache.k + cache.v)  # donated: updated in place
+    placed = lambda c: all(a.sharding.is_equivalent_to(s, 4) for a, s in
+                           zip(c.k + c.v, steps["cache_sharding"].k + steps["cache_sharding"].v))
+    assert placed(cache2)
     token = np.asarray(logits).argmax(-1).astype(np.int32)
     _, cache3 = steps["decode"](steps["params"], jax.device_put(token, steps["ids"].sharding), cache2)
-    assert cache2.k.is_deleted() and cache3.k.sharding.is_equivalent_to(steps["cache_sharding"].k, 5)
+    assert all(a.is_deleted() for a in cache2.k) and placed(cache3)
     ref = single_device[0]
     np.testing.assert_allclose(np.asarray(logits)[:, 0], ref[:, -1], rtol=0, atol=1e-5 * np.abs(ref).max())
 

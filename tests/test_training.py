@@ -16,7 +16,7 @@ import pytest
 
 import qwen2_jax
 from qwen2_jax import training
-from qwen2_jax.params import hf_names, param_table
+from qwen2_jax.params import hf_names, lookup, param_table
 
 VOCAB = 128  # tests/hf_reference.TINY
 
@@ -143,14 +143,12 @@ def _hf_grad(hf, name):
 
 
 def _our_grad(cfg, grads, name):
-    """Our gradient for a checkpoint tensor name: the block of the stacked parameter, in HF's layout."""
+    """Our gradient for a checkpoint tensor name (an expert's: its block of the layer's stack), in HF's layout."""
     for p in param_table(cfg):
         names = hf_names(cfg, p)
         hit = np.argwhere(names == name)
         if hit.size or (names.ndim == 0 and str(names) == name):
-            node = grads
-            for key in p.path:
-                node = node[key]
+            node = lookup(grads, p.path)
             block = np.asarray(node)[tuple(hit[0])] if hit.size else np.asarray(node)
             return block.T if p.transpose else block
     raise KeyError(name)
@@ -392,13 +390,16 @@ def test_restoring_into_a_state_of_another_structure_is_refused_in_one_line(tmp_
 
 
 def test_weight_decay_masks_biases_and_norm_scales_only():
-    params = {"model": {"norm": {"weight": 0}, "layers": {"input_layernorm": {"weight": 0},
-                                                          "self_attn": {"q_proj": {"kernel": 0, "bias": 0}}},
+    params = {"model": {"norm": {"weight": 0}, "layers": {0: {"input_layernorm": {"weight": 0},
+                                                              "self_attn": {"q_proj": {"weight": 0, "bias": 0}},
+                                                              "mlp": {"experts": {"gate_proj": 0}}}},
                         "embed_tokens": {"embedding": 0}},
               "lm_head": {"weight": 0}}
     mask = training._decays(params)
-    assert mask == {"model": {"norm": {"weight": False}, "layers": {"input_layernorm": {"weight": False},
-                                                                   "self_attn": {"q_proj": {"kernel": True, "bias": False}}},
+    assert mask == {"model": {"norm": {"weight": False},
+                              "layers": {0: {"input_layernorm": {"weight": False},
+                                             "self_attn": {"q_proj": {"weight": True, "bias": False}},
+                                             "mlp": {"experts": {"gate_proj": True}}}},
                               "embed_tokens": {"embedding": True}},
                     "lm_head": {"weight": True}}
 

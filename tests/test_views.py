@@ -1,4 +1,4 @@
-"""Per-layer views of stacked weights on XLA:CPU share the stack's memory and keep it alive."""
+"""Per-expert views of a layer's expert stacks on XLA:CPU share the stack's memory and keep it alive."""
 
 import gc
 import subprocess
@@ -42,21 +42,33 @@ def test_unaligned_rows_are_copies_with_the_same_values():
     assert [np.asarray(r).tolist() for r in rows] == np.asarray(stack).tolist()
 
 
-def test_per_layer_params_are_views_and_give_the_stacked_forward():
+def test_expert_views_alias_each_layers_experts_and_give_the_same_forward():
     cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                          shared_expert_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, mlp_only_layers=(1,))
     model = init_random(cfg, dtype=jnp.float32)
-    params = model.model.layers.per_layer_params()
-    gate = model.model.layers.mlp.experts.gate_proj[...]  # [2 sparse layers, 8, 32, 16]
-    sparse_layer_experts = params[2][4]  # layer 2 is the second sparse layer
-    assert params[1][4] is None  # a dense layer has no experts
-    np.testing.assert_array_equal(np.asarray(sparse_layer_experts[0][3]), np.asarray(gate[1, 3]))
-    assert sparse_layer_experts[0][3].unsafe_buffer_pointer() - gate.unsafe_buffer_pointer() == (8 + 3) * 32 * 16 * 4
+    per_layer = views.expert_views(model)
+    assert per_layer[1] is None  # a dense layer has no experts
+    gate = model.model.layers[2].mlp.experts.gate_proj[...]  # [8, 32, 16]
+    np.testing.assert_array_equal(np.asarray(per_layer[2][0][3]), np.asarray(gate[3]))
+    assert per_layer[2][0][3].unsafe_buffer_pointer() - gate.unsafe_buffer_pointer() == 3 * 32 * 16 * 4
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 6)), jnp.int32)
-    want = model.forward(ids, stacked_experts=True).logits
-    got = jax.jit(lambda ids, lp: model.forward(ids, layer_params=lp).logits)(ids, params)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    want = model.forward(ids).logits
+    for impl in ("loop", "grouped"):
+        got = jax.jit(lambda ids, v: model.forward(ids, moe_impl=impl, expert_views=v).logits)(ids, per_layer)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_no_expert_views_for_weights_in_another_dtype_than_the_compute_dtype():
+    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=16)
+    from flax import nnx
+
+    from qwen2_jax.model import Qwen2MoeForCausalLM
+
+    mixed = Qwen2MoeForCausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert views.expert_views(mixed) is None  # the dispatch casts the stacks instead
 
 
 def test_views_are_released_before_the_interpreter_shuts_down():

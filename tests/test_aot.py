@@ -1,0 +1,96 @@
+"""``qwen2-jax aot`` compiles generate's real step for an H200, an H100 and TPU slices without any of them, and
+reads from the compiled program what the step moves (the aot extra's compile-only wheels; no device)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qwen2_jax import aot
+from qwen2_jax.config import Qwen2MoeConfig
+
+TINY = Qwen2MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                      max_position_embeddings=512)
+FIELDS = {"target", "mesh", "batch", "argument_bytes", "temp_bytes", "fits", "bytes_per_step", "roofline_bytes",
+          "weight_copy_bytes", "kernels_per_step", "collectives", "compile_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "config.json"
+    path.write_text(json.dumps(TINY.to_hf_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize("target", sorted(aot.TARGETS))
+def test_each_target_compiles_the_decode_step_and_reports_what_it_moves(target, tiny_config):
+    r = aot.compile_step(aot.Request(target=target, batch=2, cache_len=64, config=tiny_config))
+    assert FIELDS <= r.keys() and r["fits"] is True and r["step"] == "decode"
+    # The step reads at least what it must (every weight it holds, the KV cache), and not several times that.
+    assert r["roofline_bytes"] <= r["bytes_per_step"] <= 2.5 * r["roofline_bytes"], r
+    assert r["argument_bytes"] >= r["weight_bytes"] > 0 and r["kernels_per_step"] > 0
+    if aot.TARGETS[target].platform == "tpu":  # a slice: the experts are expert-parallel, one psum a layer
+        groups = {c["group"] for c in r["collectives"] if c["kind"] == "all-reduce"}
+        assert r["devices"] > 1 and max(groups) == r["devices"]
+        assert sum(c["count"] for c in r["collectives"] if c["group"] == r["devices"]) == TINY.num_hidden_layers
+    else:
+        assert r["collectives"] == [] and r["mesh"] == "single"
+
+
+def test_prefill_compiles_for_a_prompt_and_refuses_one_longer_than_the_cache(tiny_config):
+    r = aot.compile_step(aot.Request(target="h200", batch=1, prompt_len=32, cache_len=64, config=tiny_config))
+    assert r["step"] == "prefill" and r["prompt_len"] == 32 and r["unknown_trip_loops"] == 0
+    with pytest.raises(aot.AotError, match="--prompt-len 128 exceeds --cache-len 64"):
+        aot.compile_step(aot.Request(target="h200", prompt_len=128, cache_len=64, config=tiny_config))
+
+
+def test_a_batch_the_data_axis_does_not_divide_is_refused_in_one_line(tiny_config):
+    with pytest.raises(aot.AotError, match=r"batch 3 is not divisible by the mesh's data axis \(2\)") as e:
+        aot.compile_step(aot.Request(target="v5p-8", mesh="data=2,expert=2", batch=3, config=tiny_config))
+    assert "\n" not in str(e.value)
+
+
+def test_the_roofline_counts_the_experts_a_batch_can_touch_and_the_whole_kv_cache():
+    import jax
+
+    from qwen2_jax.params import iter_params
+
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {p.path: single for p, _ in iter_params(TINY)}
+    expert = 3 * TINY.hidden_size * TINY.moe_intermediate_size * 2  # one expert's three bf16 matrices
+    layers, kv = TINY.num_hidden_layers, 2 * TINY.num_key_value_heads * TINY.head_dim * 2
+    one = aot.roofline_bytes(TINY, shardings, 2, tokens=1, batch_per_device=1, cache_len=64, kv_heads_per_device=2)
+    many = aot.roofline_bytes(TINY, shardings, 2, tokens=4, batch_per_device=4, cache_len=64, kv_heads_per_device=2)
+    # one token touches top-k = 2 experts a layer; four tokens can touch all 8; each row reads its 64 cache slots
+    assert many - one == layers * (8 - 2) * expert + 3 * TINY.hidden_size * 2 + layers * 3 * 64 * kv
+
+
+def test_cli_prints_a_table_writes_json_and_dumps_the_hlo(tiny_config, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "qwen2_jax.cli", "aot", "--target", "h100", "--config", tiny_config,
+                           "--batch", "1", "--batch", "4", "--cache-len", "64", "--json", str(out),
+                           "--dump-hlo", str(tmp_path / "hlo")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bytes_per_step" in proc.stdout and "roofline_bytes" in proc.stdout
+    results = json.loads(out.read_text())
+    assert [r["batch"] for r in results] == [1, 4] and all(r["target"] == "h100" for r in results)
+    assert sorted(os.listdir(tmp_path / "hlo")) == ["h100-decode-b1.hlo.txt", "h100-decode-b4.hlo.txt"]
+    assert "HloModule" in (tmp_path / "hlo" / "h100-decode-b1.hlo.txt").read_text()
+
+
+# ---- the full Qwen2-57B-A14B config: the targets of docs/accelerators.md -----------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("target, mesh, batch", [("h200", None, 1), ("h200", None, 64), ("v5p-8", "expert=4", 1)])
+def test_full_scale_decode_step_moves_within_the_roofline_targets(target, mesh, batch):
+    r = aot.compile_step(aot.Request(target=target, mesh=mesh, batch=batch))
+    assert r["fits"] and r["bytes_per_step"] <= (1.15 if target == "h200" else 1.2) * r["roofline_bytes"], r
+    assert r["weight_copy_bytes"] < 0.01 * r["weight_bytes"]
+    if target == "h200":
+        assert r["temp_bytes"] < 2e9
+    else:  # one small all-reduce a layer, over the expert axis
+        assert r["collectives"] == [{"kind": "all-reduce", "group": 4, "bytes": 7168 * batch, "count": 28.0}]
