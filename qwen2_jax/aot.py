@@ -8,9 +8,10 @@ placed as ``generate`` places them: the decode loop by default (its body is one 
 ``--prompt-len``. Nothing is allocated.
 
 From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
-one step), ``weight_copy_bytes``, ``kernels_per_step`` and the collectives; from ``memory_analysis()`` the
-argument and temporary bytes and whether it fits; and ``roofline_bytes``, what the step must read: the
-non-expert weights, the experts the batch can touch, and the KV cache.
+one step), ``weight_copy_bytes``, ``kernels_per_step``, ``flops_per_step`` and the collectives; from
+``memory_analysis()`` the argument and temporary bytes and whether it fits; and ``roofline_bytes``, what the
+step must read: the non-expert weights, the experts the batch can touch, and the KV cache. ``est_step_ms``
+and ``est_tokens_per_s`` are estimates from the data sheet's bandwidth and peak rate, not measurements.
 
     qwen2-jax aot --target h200 --batch 1 --json -
     qwen2-jax aot --target v5p-8 --mesh expert=4 --batch 64
@@ -36,16 +37,17 @@ class Target:
     platform: str  # "cuda" | "tpu"
     topology: str
     hbm_bytes: int  # per device (GPU: the target config's memory; TPU: what XLA:TPU lets a program use)
-    bandwidth: float  # bytes/s per device, for the estimate of tokens/s
+    bandwidth: float  # HBM bytes/s per device (data sheet), for the estimates
+    peak_flops: float  # dense bf16 FLOP/s per device (data sheet), for the estimates
     config_file: str | None = None
 
 
 TARGETS = {
-    "h200": Target("h200", "cuda", "1x1x1", 150_754_820_096, 4.8e12, "h200.gpu_target_config.txtpb"),
-    "h100": Target("h100", "cuda", "1x1x1", 85_520_809_984, 3.35e12, "h100.gpu_target_config.txtpb"),
-    "v5p-8": Target("v5p-8", "tpu", "v5p:2x2x1", int(95.74 * 2**30), 2.765e12),
-    "v5e-8": Target("v5e-8", "tpu", "v5e:2x4", int(15.75 * 2**30), 8.19e11),
-    "v6e-8": Target("v6e-8", "tpu", "v6e:2x4", int(31.25 * 2**30), 1.64e12),
+    "h200": Target("h200", "cuda", "1x1x1", 150_754_820_096, 4.8e12, 989e12, "h200.gpu_target_config.txtpb"),
+    "h100": Target("h100", "cuda", "1x1x1", 85_520_809_984, 3.35e12, 989e12, "h100.gpu_target_config.txtpb"),
+    "v5p-8": Target("v5p-8", "tpu", "v5p:2x2x1", int(95.74 * 2**30), 2.765e12, 459e12),
+    "v5e-8": Target("v5e-8", "tpu", "v5e:2x4", int(15.75 * 2**30), 8.19e11, 197e12),
+    "v6e-8": Target("v6e-8", "tpu", "v6e:2x4", int(31.25 * 2**30), 1.64e12, 918e12),
 }
 
 
@@ -247,8 +249,12 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
         kernels_per_step=int(report.count), unknown_trip_loops=report.unknown_trip_loops,
         collectives=report.collectives)
     result["x_roofline"] = round(result["bytes_per_step"] / result["roofline_bytes"], 3)
-    result["est_step_ms"] = round(result["bytes_per_step"] / target.bandwidth * 1e3, 2)
-    result["est_tokens_per_s"] = round(b / (result["bytes_per_step"] / target.bandwidth), 1) if not req.prompt_len else None
+    result["flops_per_step"] = int(report.flops)
+    # An estimate, not a measurement: the slower of moving the bytes at the HBM bandwidth and doing the matrix
+    # products at the peak rate (a real step is slower than both).
+    step_s = max(result["bytes_per_step"] / target.bandwidth, report.flops / target.peak_flops)
+    result["est_step_ms"] = round(step_s * 1e3, 2)
+    result["est_tokens_per_s"] = round(b * (req.prompt_len or 1) / step_s, 1)
     result["top_kernels"] = [dict(name=k.name, kind=k.kind, bytes=int((k.read + k.written) * k.runs), runs=k.runs)
                              for k in report.top(8)]
     return result
@@ -258,7 +264,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
 COLUMNS = [("target", "{}"), ("mesh", "{}"), ("step", "{}"), ("batch", "{}"), ("argument_bytes", "GB"),
            ("temp_bytes", "GB"), ("fits", "{}"), ("bytes_per_step", "GB"), ("roofline_bytes", "GB"),
            ("x_roofline", "{}"), ("weight_copy_bytes", "GB"), ("kernels_per_step", "{}"), ("collectives", "n"),
-           ("est_tokens_per_s", "{}"), ("compile_s", "{}")]
+           ("flops_per_step", "T"), ("est_tokens_per_s", "{}"), ("compile_s", "{}")]
 
 
 def format_table(results: list[dict]) -> str:
@@ -270,6 +276,8 @@ def format_table(results: list[dict]) -> str:
             return f"{v / 1e9:.2f}"
         if fmt == "n":
             return str(int(sum(c["count"] for c in v)))
+        if fmt == "T":
+            return f"{v / 1e12:.3f}"
         return fmt.format(v)
 
     header = [k for k, _ in COLUMNS]
@@ -280,7 +288,8 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         if r.get("error"):
             out.append(f"{r['target']} batch {r['batch']}: does not fit: {r['error']}")
-    out.append("(GB = 1e9 bytes, per device; est_tokens_per_s = batch / (bytes_per_step / HBM bandwidth), an estimate)")
+    out.append("(GB = 1e9 bytes, per device; est_tokens_per_s: the step's tokens over the slower of its bytes at the "
+               "HBM bandwidth and its FLOPs at the peak rate, an estimate)")
     return "\n".join(out)
 
 

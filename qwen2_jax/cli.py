@@ -32,6 +32,21 @@ def enable_compilation_cache() -> str:
     return path
 
 
+def choose_platforms(command: str) -> None:
+    """``aot`` compiles on the CPU for devices it does not have; the other commands use an accelerator when the
+    machine has one. Without one, jax is told so before it starts: with the aot extra installed, it would
+    otherwise try the CUDA plugin and libtpu and print their failures."""
+    import glob
+
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS"):
+        return
+    devices = glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/accel[0-9]*") + glob.glob("/dev/vfio/[0-9]*")
+    if command == "aot" or not devices:
+        jax.config.update("jax_platforms", "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -48,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        choose_platforms(args.command)
         if args.command not in ("convert", "aot"):
             enable_compilation_cache()
         return int(module.run(args.command, args) or 0)

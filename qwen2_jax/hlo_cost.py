@@ -198,6 +198,7 @@ class Kernel:
     weight_copy: int  # bytes written that copy a weight
     runs: float  # times per program run (loop trip counts multiplied)
     where: str  # the computation it runs in
+    flops: int = 0  # of its matrix products (dots, and XLA:TPU's convolutions)
 
 
 @dataclasses.dataclass
@@ -217,6 +218,10 @@ class Report:
     @property
     def count(self) -> float:
         return sum(k.runs for k in self.kernels)
+
+    @property
+    def flops(self) -> float:
+        return sum(k.flops * k.runs for k in self.kernels)
 
     def top(self, n: int = 10) -> list[Kernel]:
         return sorted(self.kernels, key=lambda k: -(k.read + k.written) * k.runs)[:n]
@@ -321,6 +326,31 @@ class Analyzer:
                     return True
         return False
 
+    def _flops(self, comp: Computation, depth: int = 0) -> int:
+        """Floating-point operations of the matrix products in a (fused) computation: 2 x output elements x
+        contracted elements."""
+        total = 0
+        for i in comp.instrs:
+            if i.opcode == "dot":
+                lhs = comp.by_name.get(i.operands[0])
+                dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attrs)
+                if lhs is not None and dims:
+                    shape = _dims(lhs.shape)
+                    k = math.prod(shape[int(d)] for d in dims.group(1).split(",") if d)
+                    total += 2 * math.prod(_dims(i.shape)) * k
+            elif i.opcode == "convolution":
+                # XLA:TPU's matmuls: they contract the kernel's input-feature dim; a spatial "window" there
+                # encodes a batch dim (one input position per output), so it adds no products.
+                rhs = comp.by_name.get(i.operands[1]) if len(i.operands) > 1 else None
+                labels = re.search(r"dim_labels=\w+_(\w+)->", i.attrs)
+                if rhs is not None and labels and "i" in labels.group(1):
+                    total += 2 * math.prod(_dims(i.shape)) * _dims(rhs.shape)[labels.group(1).index("i")]
+            elif i.opcode == "fusion" and depth < 10:
+                nested = self.comps.get((i.calls("calls") or [""])[0])
+                if nested is not None:
+                    total += self._flops(nested, depth + 1)
+        return total
+
     # ---- walking the program ------------------------------------------------------------------------------
     def run(self) -> Report:
         params = {i: frozenset({i}) for i in self.weight_params}
@@ -387,11 +417,13 @@ class Analyzer:
             if m:
                 kind = m.group(1)
             if fused is None:
-                read, written = sum(sizes), i.bytes
+                per_operand, written = list(sizes), i.bytes
             else:
-                read = sum(self._reads(fused, fused.params[p], s) for p, s in enumerate(sizes) if p in fused.params)
+                per_operand = [self._reads(fused, fused.params[p], s) if p in fused.params else 0
+                               for p, s in enumerate(sizes)]
                 written = self._written(fused, fused.root)
                 computes = self._computes(fused)
+            read = sum(per_operand)
         elif op == "custom-call":
             target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
             kind = target.group(1) if target else "custom-call"
@@ -414,9 +446,16 @@ class Analyzer:
         if base in COLLECTIVES:
             volume = sum(shape_bytes(o.shape, hbm_only=False) for o in operands if o is not None)
             self.collectives[(base, _group_size(i.attrs), volume)] += runs
-        from_weights = any(self._flat(operand_origin.get(p, frozenset())) for p in range(len(operands)))
-        weight_copy = written if from_weights and not computes and base not in COLLECTIVES else 0
-        self.kernels.append(Kernel(i.name, op, kind, read, written, weight_copy, runs, comp.name))
+        # Of the weight bytes a kernel reads without computing on them (no dot, reduction, ...), what it writes
+        # back out: a copy, transpose, gather or cast of a weight. A bias added to activations reads a little
+        # weight and writes much more; it counts the little.
+        if op != "fusion":
+            per_operand = sizes if op not in ("copy-start", "slice-start", "dynamic-slice-start") else [read]
+        from_weights = sum(n for p, n in enumerate(per_operand) if self._flat(operand_origin.get(p, frozenset())))
+        weight_copy = min(written, from_weights) if not computes and base not in COLLECTIVES else 0
+        flops = self._flops(self.comps[(i.calls("calls") or [""])[0]]) if op == "fusion" and (
+            i.calls("calls") or [""])[0] in self.comps else self._flops(Computation("", False, [i]))
+        self.kernels.append(Kernel(i.name, op, kind, read, written, weight_copy, runs, comp.name, flops))
 
     @staticmethod
     def _trip_count(i: Instr) -> int | None:
@@ -484,6 +523,12 @@ def _constant(comp: Computation, instr: Instr | None) -> int | None:
     return None
 
 
+def _dims(shape: str) -> list[int]:
+    """The dimensions of an array shape string."""
+    m = _ARRAY.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
 def _tuple_element(shape: str, index: int) -> str:
     """Element ``index`` of a tuple shape string (the shape itself when it is not a tuple)."""
     if not shape.startswith("("):
@@ -521,6 +566,7 @@ def analyze(text: str, weight_params=None, *, step_loop: bool = False, loop_boun
 
 def summary(report: Report) -> dict:
     return {"bytes": report.bytes, "weight_copy_bytes": report.weight_copy_bytes, "kernels": report.count,
+            "flops": report.flops,
             "unknown_trip_loops": report.unknown_trip_loops, "collectives": report.collectives}
 
 

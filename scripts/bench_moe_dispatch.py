@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax import moe, views
-from qwen2_jax.config import load_config
+from qwen2_jax.bench import bench_config
 
 QUARTER = "qwen2-57b-a14b-quarter"  # embedded; a path to a config.json works too
 
@@ -43,7 +43,7 @@ def computed_rows(sizes, block: int, step: int) -> int:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=QUARTER)
+    ap.add_argument("--config", default=QUARTER, help="an embedded config, 'tiny', or a config.json")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256,512,2048")
     ap.add_argument("--impls", default=",".join(moe.IMPLEMENTATIONS))
@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--blocks", default="", help="grouped block sizes to time, e.g. 1,2,4,8 or 64:32 (block:step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    cfg = bench_config(args.config)
     dtype = jnp.dtype(args.dtype)
     e, h, i, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     key = jax.random.split(jax.random.key(0), 4)

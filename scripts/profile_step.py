@@ -26,22 +26,23 @@ import numpy as np
 from flax import nnx
 
 from qwen2_jax.cache import KVCache
-from qwen2_jax.config import load_config
+from qwen2_jax.bench import bench_config
 from qwen2_jax.views import expert_views
 from qwen2_jax.model import init_random
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="qwen2-57b-a14b-quarter")
+    ap.add_argument("--config", default="qwen2-57b-a14b-quarter", help="an embedded config, 'tiny', or a config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=1, help="1: a decode step after a 128-token prompt")
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--no-views", action="store_true", help="the experts' stacks instead of per-expert views")
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    cfg = bench_config(args.config)
     model = init_random(cfg, dtype=jnp.float32)
     graphdef, params = nnx.split(model)
-    views = expert_views(model)
+    views = None if args.no_views else expert_views(model)
     b, t = args.batch, args.tokens
     ids = jnp.asarray(np.random.default_rng(0).integers(100, cfg.vocab_size, (b, t)), jnp.int32)
 
@@ -77,7 +78,8 @@ def main():
             if name.startswith("ynn_fusion"):
                 largest = max(largest, e["dur"] / 1e3)
     loop_ms = sum(end - start for start, end in loops) / 1e3 / args.calls
-    print(f"{args.config}, batch {b}, {t} token(s), jax {jax.__version__}, under the profiler {1e3 * per_call:.1f} ms "
+    print(f"{args.config}, batch {b}, {t} token(s), {'stacked experts' if views is None else 'per-expert views'}, "
+          f"jax {jax.__version__}, under the profiler {1e3 * per_call:.1f} ms "
           f"a call, load average {open('/proc/loadavg').read().split()[0]}")
     print(f"  {loop_ms:8.1f} ms  expert dispatch loops (everything inside them)")
     print(f"  {largest:8.1f} ms  the largest single matmul outside them (lm_head in a decode step)")

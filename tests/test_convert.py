@@ -195,6 +195,31 @@ def test_restore_names_a_parameter_the_checkpoint_lacks_and_says_to_convert_agai
         qwen2_jax.from_pretrained(converted, dtype="float32")
 
 
+def test_a_checkpoint_of_the_stacked_layout_of_earlier_releases_is_refused_with_convert_again(hf_dir, tmp_path):
+    """Releases before the per-layer layout stored every layer's weight in one [layers, ...] stack under the
+    layer-less path (model/layers/self_attn/q_proj/kernel); such a checkpoint must be converted again."""
+    from qwen2_jax.convert import orbax_io
+
+    cfg = Qwen2MoeConfig.from_json(hf_dir)
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+
+    def source(name, shape):
+        return orbax_io.Source(name=name, shape=shape, dtype=np.dtype(np.float32), block_shape=shape,
+                               read_chunk_shape=shape, read=lambda index, shape=shape: np.zeros(shape, np.float32)[index])
+
+    old = {"model": {"embed_tokens": {"embedding": source("embedding", (cfg.vocab_size, H))},
+                     "layers": {"input_layernorm": {"weight": source("norm", (L, H))},
+                                "self_attn": {"q_proj": {"kernel": source("q", (L, H, H))}}},
+                     "norm": {"weight": source("final", (H,))}}}
+    out = tmp_path / "old"
+    orbax_io.save(str(out / "params"), old)
+    shutil.copy(os.path.join(hf_dir, "config.json"), out / "config.json")
+    with pytest.raises(CheckpointError, match=r"missing parameter model/layers/0/input_layernorm/weight .*"
+                                              + AGAIN) as e:
+        qwen2_jax.from_pretrained(out, dtype="float32")
+    assert "\n" not in str(e.value)
+
+
 def test_restore_names_a_parameter_the_layout_does_not_know_and_says_to_convert_again(converted, monkeypatch):
     from qwen2_jax.convert import converter
 

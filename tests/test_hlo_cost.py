@@ -70,6 +70,7 @@ def test_bytes_of_a_program_equal_the_hand_computed_count():
     assert report.bytes == BY_HAND
     assert report.weight_copy_bytes == 32768  # the copy; the fused slice is read in place
     assert report.count == 1 + 1 + 3 * 2 + 4 and report.unknown_trip_loops == 0
+    assert report.flops == 3 * 2 * (4 * 32) * 64  # three [4, 64] x [64, 32] products
 
 
 def test_a_loop_without_an_annotation_takes_its_trip_count_from_its_condition():
@@ -114,3 +115,4 @@ def test_a_matmul_compiled_for_an_h200_reads_its_operands_and_writes_its_result_
     text = jax.jit(lambda w, x: jnp.einsum("ti,oi->to", x, w)).lower(w, x).compile().as_text()
     report = hlo_cost.analyze(text, weight_params={0})
     assert report.bytes == 512 * 256 * 2 + 4 * 256 * 2 + 4 * 512 * 2 and report.weight_copy_bytes == 0
+    assert report.flops == 2 * 4 * 512 * 256

@@ -1,0 +1,89 @@
+"""Decode speed of two checkouts of this project on XLA:CPU, measured in turns, so that a change of layout or
+dispatch can be compared with the code before it on the same machine, in the same minutes.
+
+    git worktree add /tmp/before <commit>
+    python scripts/compare_checkouts.py /tmp/before . [--rounds 3] [--batches 1,8]
+    python scripts/compare_checkouts.py . . --config tiny --rounds 1 --new-tokens 3    # seconds (the tests)
+
+Each measurement is a fresh process that imports ``qwen2_jax`` from one checkout, builds the same random model
+(``init_random``, seed 0, float32), and times ``generate`` of ``--new-tokens`` minus ``generate`` of one token
+from ``--prompt-len``-token prompts (so the first token is excluded), after a warm-up; the checkouts take
+turns, ``--rounds`` times, and the table shows each one's median step in ms.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import importlib.util, json, os, sys, time
+path = sys.argv[1]
+sys.path.insert(0, path)
+import qwen2_jax  # from the checkout, not the installed copy
+for sub in ("sharding", "convert"):  # installed as qwen2_jax.<sub> from top-level directories
+    spec = importlib.util.spec_from_file_location(f"qwen2_jax.{sub}", os.path.join(path, sub, "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(path, sub)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+import jax.numpy as jnp
+import numpy as np
+from qwen2_jax.bench import bench_config
+from qwen2_jax.model import init_random
+args = json.loads(sys.argv[2])
+cfg = bench_config(args["config"])
+model = init_random(cfg, dtype=jnp.float32, seed=0)
+out = {"module": qwen2_jax.__file__}
+for batch in args["batches"]:
+    prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args["prompt_len"])).tolist()
+    run = lambda n: qwen2_jax.generate(model, prompts, max_new_tokens=n, eos_token_ids=())
+    run(args["new_tokens"]), run(1)  # compile both
+    t0 = time.perf_counter(); run(1); one = time.perf_counter() - t0
+    t0 = time.perf_counter(); run(args["new_tokens"]); full = time.perf_counter() - t0
+    out[str(batch)] = 1e3 * (full - one) / (args["new_tokens"] - 1)
+print(json.dumps(out))
+"""
+
+
+def measure(checkout: str, args) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    settings = json.dumps(dict(config=args.config, batches=args.batches, prompt_len=args.prompt_len,
+                               new_tokens=args.new_tokens))
+    proc = subprocess.run([sys.executable, "-c", CHILD, os.path.abspath(checkout), settings], capture_output=True,
+                          text=True, env=env, cwd=os.path.abspath(checkout))
+    if proc.returncode:
+        sys.exit(f"{checkout}: the measurement failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("--config", default="qwen2-57b-a14b-quarter", help="an embedded config, 'tiny', or a config.json")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=33)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    runs = {"before": [], "after": []}
+    for r in range(args.rounds):
+        for side in ("before", "after"):
+            runs[side].append(measure(getattr(args, side), args))
+            print(f"round {r + 1}: {side}: " + ", ".join(f"batch {b} {runs[side][-1][str(b)]:.1f} ms"
+                                                          for b in args.batches), file=sys.stderr, flush=True)
+    print(f"{args.config}, float32, decode step (ms, median of {args.rounds} alternating rounds), "
+          f"{args.prompt_len}-token prompts")
+    print("| batch | before | after | after / before |\n|---:|---:|---:|---:|")
+    for b in args.batches:
+        before = statistics.median(r[str(b)] for r in runs["before"])
+        after = statistics.median(r[str(b)] for r in runs["after"])
+        print(f"| {b} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
