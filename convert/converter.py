@@ -27,9 +27,11 @@ import numpy as np
 
 import qwen2_jax
 from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.errors import InputError, Qwen2JaxError
 from qwen2_jax.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
 from qwen2_jax.loading import ORBAX_PARAMS
-from qwen2_jax.params import check_tensors, hf_names, iter_params, lookup, nest, read_block
+from qwen2_jax.params import check_tensors, hf_names, iter_params, lookup, nest, param_dtype, read_block
+from qwen2_jax.quant import QuantConfig
 
 from . import orbax_io
 
@@ -39,22 +41,25 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
-class ConvertError(ValueError):
+class ConvertError(Qwen2JaxError):
     """The conversion cannot write its output; the message names the path and the reason."""
 
 
-def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, progress: bool | None = None) -> dict:
+def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, progress: bool | None = None,
+            quantize=None) -> dict:
     """Converts the HF checkpoint in ``hf_dir`` (``config.json`` + ``model.safetensors`` or the sharded form)
     into ``out_dir``; returns the metadata written to ``out_dir/qwen2_jax.json``.
 
     ``dtype``: "bfloat16" or "float32" casts every weight; None keeps each weight's source dtype.
     ``force``: replace an existing ``out_dir`` (only once the new one is complete).
     ``progress``: a progress bar on stderr (tensors and bytes); None shows it when stderr is a terminal.
+    ``quantize``: "int8", "fp8" or "int8:BLOCK" (a ``QuantConfig``): weight-only quantization of the
+    projections as the blocks stream (``qwen2_jax.quant``); config.json records it as its quantization_config.
     Only about one block of weights (``orbax_io.BLOCK_BYTES``, a few times over) is in memory at once.
     """
     start = time.perf_counter()
     if dtype is not None and dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(OUTPUT_DTYPES)} (or None to keep "
+        raise InputError(f"dtype {dtype!r} is not supported; expected one of {sorted(OUTPUT_DTYPES)} (or None to keep "
                          f"the source dtype)")
     hf_dir, out_dir = os.path.abspath(os.fspath(hf_dir)), os.path.abspath(os.fspath(out_dir))
     if not os.path.isdir(hf_dir):
@@ -65,7 +70,12 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
         raise FileExistsError(f"{out_dir}: already exists (use --force to replace it)")
 
     # Validation: nothing is written before the config and every tensor header have been checked.
+    quant = QuantConfig.parse(quantize)
     cfg = Qwen2MoeConfig.from_json(hf_dir)
+    if cfg.quantization is not None:
+        raise ConvertError(f"{hf_dir}: already quantized ({cfg.quantization.dtype}); convert its float checkpoint")
+    if quant is not None:
+        cfg = cfg.replace(quantization=quant)
     tensors = check_tensors(cfg, read_tensors(hf_dir))
     files = weight_files(hf_dir)
     bar = _Progress(sys.stderr.isatty() if progress is None else bool(progress),
@@ -90,10 +100,17 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
         for name in COPIED_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        if quant is not None:  # the checkpoint says how its weights are stored
+            with open(os.path.join(hf_dir, "config.json")) as f:
+                raw = json.load(f)
+            raw["quantization_config"] = quant.to_json()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(raw, f, indent=2)
         metadata = {
             "format": "qwen2-jax orbax checkpoint",
             "qwen2_jax_version": qwen2_jax.__version__,
             "dtype": _dtype_summary(shapes),
+            "quantization": quant.to_json() if quant is not None else None,
             "source": {"directory": hf_dir, "files": [{"name": os.path.basename(f), "bytes": os.path.getsize(f)}
                                                       for f in files],
                        "tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors.values()),
@@ -116,6 +133,9 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
 
 # A parameter the layout lacks or does not know is what a checkpoint converted by another release looks like.
 RECONVERT = f"; if another qwen2-jax version converted it, convert it again with this one ({qwen2_jax.__version__})"
+RECONVERT_ALL = "; convert the Hugging Face checkpoint again (qwen2-jax convert)"
+# What Orbax reads before any array: the tree's metadata and the OCDBT database's root.
+ORBAX_FILES = ("_METADATA", "manifest.ocdbt")
 
 
 def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = None) -> dict:
@@ -126,10 +146,17 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
     slice, cast to ``dtype`` on the way. The stored shapes are checked against ``cfg`` first.
     """
     directory = os.path.join(os.path.abspath(os.fspath(path)), ORBAX_PARAMS)
+    for name in ORBAX_FILES:  # without them Orbax fails far from the cause (a missing attribute, a closed loop)
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise CheckpointError(f"{directory}: not a complete Orbax checkpoint: {name} is missing{RECONVERT_ALL}")
+    try:
+        orbax_io.check_readable(directory)
+    except orbax_io.StorageError as e:
+        raise CheckpointError(f"{directory}: {e}{RECONVERT_ALL}") from None
     try:
         stored = orbax_io.stored_shapes(directory)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{directory}: not a readable Orbax checkpoint ({_first_line(e)})") from None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{directory}: not a readable Orbax checkpoint ({_first_line(e)}){RECONVERT_ALL}") from None
     abstract: dict = {}
     expected = set()
     for p, shape in iter_params(cfg):
@@ -139,16 +166,22 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
         if stored[p.path][0] != shape:
             raise CheckpointError(f"{directory}: parameter {p.name} has shape {list(stored[p.path][0])}, expected "
                                   f"{list(shape)} from config.json")
+        if p.quant_axis is not None and stored[p.path][1] != param_dtype(p, dtype, cfg):
+            raise CheckpointError(f"{directory}: parameter {p.name} is stored as {stored[p.path][1]}, expected "
+                                  f"{np.dtype(param_dtype(p, dtype, cfg))} from config.json's quantization_config")
         sharding = (shardings or {}).get(p.path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         node = abstract
         for key in p.path[:-1]:
             node = node.setdefault(key, {})
-        node[p.path[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        node[p.path[-1]] = jax.ShapeDtypeStruct(shape, param_dtype(p, dtype, cfg), sharding=sharding)
     extra = sorted(set(stored) - expected)
     if extra:
         raise CheckpointError(f"{directory}: unexpected parameter {'/'.join(extra[0])} (not used by config.json)"
                               f"{RECONVERT}")
-    restored = orbax_io.restore(directory, abstract)  # keyed as stored, a layer's index a string
+    try:
+        restored = orbax_io.restore(directory, abstract)  # keyed as stored, a layer's index a string
+    except orbax_io.StorageError as e:
+        raise CheckpointError(f"{directory}: {e}{RECONVERT_ALL}") from None
     return nest((p.path, lookup(restored, p.path)) for p, _ in iter_params(cfg))
 
 
@@ -160,14 +193,15 @@ def _sources(cfg, tensors, dtype, bar):
     for p, shape in iter_params(cfg):
         refs = [tensors[name] for name in hf_names(cfg, p).flat]
         src_dtype = np.result_type(*[DTYPES[r.dtype] for r in refs])
-        out_dtype = np.dtype(OUTPUT_DTYPES[dtype]) if dtype else src_dtype
+        out_dtype = np.dtype(param_dtype(p, np.dtype(OUTPUT_DTYPES[dtype]) if dtype else src_dtype, cfg))
         block, chunk = orbax_io.plan_blocks(shape, p.axes, p.num_stack_dims, p.transpose,
                                             max(out_dtype.itemsize, src_dtype.itemsize))
         src = orbax_io.Source(
             name="/".join(p.path), shape=shape, dtype=out_dtype, block_shape=block, read_chunk_shape=chunk,
             read=lambda index, p=p, out_dtype=out_dtype: read_block(cfg, p, tensors, index, out_dtype),
-            on_written=lambda index, n=p.num_stack_dims, shape=shape, itemsize=src_dtype.itemsize:
-                bar.written(index, n, shape, itemsize))
+            on_written=(lambda index: None) if p.is_scale else  # the source bytes count with the values
+                lambda index, n=p.num_stack_dims, shape=shape, itemsize=src_dtype.itemsize:
+                    bar.written(index, n, shape, itemsize))
         node = tree
         for key in p.path[:-1]:
             node = node.setdefault(key, {})

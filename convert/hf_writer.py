@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.errors import InputError
 from qwen2_jax.params import hf_names, hf_shape, lookup, param_table
 
 _CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
@@ -36,7 +37,7 @@ def write_hf_checkpoint(cfg: Qwen2MoeConfig, directory, *, dtype="float32", seed
     temporary name and renamed, so a killed run leaves no half-written file under a real name.
     """
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
+        raise InputError(f"dtype {dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
     np_dtype = np.dtype(_DTYPES[dtype])
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from collections import deque
 from typing import Callable
 
@@ -149,6 +151,36 @@ def save(directory: str, tree: dict) -> None:
         ckptr.save(directory, tree)
 
 
+class StorageError(Exception):
+    """A file of the checkpoint is missing, cut short or unreadable; the message is one line."""
+
+
+def check_readable(directory: str) -> None:
+    """A ``StorageError`` if a file of the checkpoint is missing or cut short: its OCDBT index, or the data of
+    any array. Orbax, restoring such a checkpoint, fails in one of many concurrent reads and leaves the others
+    to report themselves on stderr ("Event loop is closed", "Exception ignored in: <coroutine ...>") long after
+    its exception. So this reads the index and the last byte of every stored value first: the data files'
+    presence and length, not their contents."""
+    try:  # TensorStore's errors are ValueErrors: NOT_FOUND, OUT_OF_RANGE (a file cut short), ...
+        kvstore = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{os.path.abspath(directory)}/"}).result()
+        keys = kvstore.list().result()
+    except ValueError as e:
+        raise StorageError(f"its OCDBT index cannot be read ({_first_line(e)})") from None
+    reads = [(key, kvstore.read(key, byte_range=slice(-1, None))) for key in keys]
+    for key, read in reads:
+        name, _, chunk = key.decode().partition("/")
+        try:
+            value = read.result().value
+        except ValueError as e:
+            raise StorageError(f"the data file of {name} ({chunk}) is cut short or unreadable ({_first_line(e)})") from None
+        if len(value) != 1:  # what OCDBT returns for a value whose data file is gone
+            raise StorageError(f"the data file of {name} ({chunk}) is missing")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
 def stored_shapes(directory: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{path: (shape, dtype)} of the arrays in the checkpoint at ``directory``, from its metadata alone."""
     tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
@@ -158,6 +190,30 @@ def stored_shapes(directory: str) -> dict[tuple[str, ...], tuple[tuple[int, ...]
 
 def restore(directory: str, abstract: dict) -> dict:
     """Restores the checkpoint into ``abstract`` (a nested dict of ``jax.ShapeDtypeStruct`` with shardings):
-    every array is read slice by slice into its own sharding, cast to its dtype by TensorStore."""
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(directory, abstract)
+    every array is read slice by slice into its own sharding, cast to its dtype by TensorStore.
+    A data file that cannot be read is a ``StorageError`` (``check_readable`` finds most such files first)."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(directory, abstract)
+    except Exception as e:  # noqa: BLE001 - Orbax raises a bare Exception around TensorStore's error
+        message = storage_error(e)
+        if message is None:
+            raise
+    raise StorageError(f"the stored arrays cannot be read ({message})")
+
+
+# The status codes TensorStore starts its errors with when a file is missing, cut short, corrupt or unreadable.
+_STATUS = re.compile(r"^(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|INVALID_ARGUMENT|FAILED_PRECONDITION|PERMISSION_DENIED): ")
+
+
+def storage_error(e: BaseException) -> str | None:
+    """The first line of the TensorStore error (a missing, truncated or corrupt file) behind ``e``, which Orbax
+    wraps in a bare ``Exception`` with the whole TensorStore spec; None when no storage error caused ``e``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).strip()
+        if isinstance(e, (ValueError, OSError)) and _STATUS.match(text):
+            return text.splitlines()[0]
+        e = e.__cause__ or e.__context__
+    return None

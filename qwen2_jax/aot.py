@@ -5,7 +5,7 @@ XLA compiles for an H200, an H100 or a TPU slice without one: a compile-only CUD
 config (``qwen2_jax/targets/``, needs the ``jax-cuda13-plugin``/``-pjrt`` wheels of the ``aot`` extra) and a
 deviceless TPU topology (``libtpu``). The function compiled is the real jitted one, on abstract arguments
 placed as ``generate`` places them: the decode loop by default (its body is one step), the prefill with
-``--prompt-len``. Nothing is allocated.
+``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats). Nothing is allocated.
 
 From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
 one step), ``weight_copy_bytes``, ``kernels_per_step``, ``flops_per_step`` and the collectives; from
@@ -16,6 +16,7 @@ and ``est_tokens_per_s`` are estimates from the data sheet's bandwidth and peak 
     qwen2-jax aot --target h200 --batch 1 --json -
     qwen2-jax aot --target v5p-8 --mesh expert=4 --batch 64
     qwen2-jax aot --target h200 --prompt-len 2048 --dump-hlo /tmp/hlo
+    qwen2-jax aot --target h200 --prompt-len 65536 --config qwen2-57b-a14b-instruct-yarn   # its chunk step
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import math
 import os
 import sys
 import time
+
+from .errors import Qwen2JaxError
 
 TARGETS_DIR = os.path.join(os.path.dirname(__file__), "targets")
 
@@ -51,7 +54,7 @@ TARGETS = {
 }
 
 
-class AotError(ValueError):
+class AotError(Qwen2JaxError):
     """A target this environment cannot compile for, or arguments it cannot compile; one line."""
 
 
@@ -92,22 +95,29 @@ class Request:
     mesh: str | None = None
     batch: int = 1
     prompt_len: int | None = None  # None: the decode step; else the prefill of prompts this long
-    cache_len: int = 4096
+    cache_len: int | None = None  # decode: 4096; prefill: what generate allocates for the prompt and one token
+    prefill_chunk: int | None = None  # default: generate's
     dtype: str = "bfloat16"
     config: str = "qwen2-57b-a14b-instruct"
+    quantize: str | None = None  # "int8", "fp8", "int8:BLOCK": weight-only quantization (qwen2_jax.quant)
 
 
 def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_device: int, cache_len: int,
                    kv_heads_per_device: int) -> int:
     """What one device must read in a step: its share of every weight but the routed experts and the
     embedding table (of which it reads ``tokens`` rows), its shares of the experts the step's tokens can
-    touch (at most tokens x top-k per layer, at most the experts it holds), and its share of the KV cache."""
-    from .params import iter_params
+    touch (at most tokens x top-k per layer, at most the experts it holds), and its share of the KV cache.
+    ``itemsize``: of the model dtype (the cache's, and the float weights'); quantized values and scales count
+    at their own size."""
+    import numpy as np
+
+    from .params import iter_params, param_dtype
 
     total = 0
     for p, shape in iter_params(cfg):
         local = shardings[p.path].shard_shape(shape)
-        nbytes = math.prod(local) * itemsize
+        stored = param_dtype(p, None, cfg)  # None: a float weight, of the model dtype
+        nbytes = math.prod(local) * (itemsize if stored is None else np.dtype(stored).itemsize)
         if "experts" in p.axes:
             e_axis = p.axes.index("experts")
             local_experts = local[e_axis]
@@ -140,12 +150,18 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     from .loading import resolve_dtype
     from .model import abstract_model
     from .params import iter_params, nest
+    from .attention import BLOCK, blocks_to_visit
     from .sampling import Sampler, row_keys
 
     if req.target not in TARGETS:
         raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
     target = TARGETS[req.target]
+    from .params import param_dtype
+    from .quant import QuantConfig
+
     cfg = load_config(req.config)
+    if req.quantize:
+        cfg = cfg.replace(quantization=QuantConfig.parse(req.quantize))
     dtype = resolve_dtype(req.dtype)
     itemsize = jnp.dtype(dtype).itemsize
     devs = devices(target)
@@ -166,15 +182,26 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     model = abstract_model(cfg, dtype=dtype)
     model.mesh = mesh
     graphdef, params = nnx.split(model)
-    nnx.replace_by_pure_dict(params, nest((p.path, jax.ShapeDtypeStruct(shape, dtype, sharding=pshard[p.path]))
+    nnx.replace_by_pure_dict(params, nest((p.path, jax.ShapeDtypeStruct(shape, param_dtype(p, dtype, cfg),
+                                                                         sharding=pshard[p.path]))
                                           for p, shape in iter_params(cfg)))
 
     b = req.batch
     if mesh is not None and b % mesh.shape["data"]:
         raise AotError(f"batch {b} is not divisible by the mesh's data axis ({mesh.shape['data']})")
-    t = req.prompt_len or 16
-    max_len = req.cache_len
-    if req.prompt_len and req.prompt_len > max_len:
+    chunk = gen.chunk_length(req.prefill_chunk or gen.PREFILL_CHUNK, b)
+    # The prompt as generate pads it: a power of two, or whole chunks beyond one chunk.
+    chunks = 0
+    if req.prompt_len and gen.bucket(req.prompt_len, gen.MIN_PROMPT_BUCKET) > chunk:
+        t, chunks = chunk, -(-req.prompt_len // chunk)
+    else:
+        t = gen.bucket(req.prompt_len or 16, gen.MIN_PROMPT_BUCKET)
+    padded = chunks * chunk or t
+    if req.prompt_len and req.prompt_len > cfg.context_length:
+        raise AotError(f"--prompt-len {req.prompt_len} exceeds the context of {cfg.context_length} tokens of "
+                       f"{req.config}")
+    max_len = req.cache_len or (gen.cache_length(padded, cfg.context_length, chunk) if req.prompt_len else 4096)
+    if req.prompt_len and padded > max_len:
         raise AotError(f"--prompt-len {req.prompt_len} exceeds --cache-len {max_len}")
     platform = moe.canonical_platform(devs[0].platform)
     sampler = Sampler()  # greedy: the processors cost nothing next to the model
@@ -186,18 +213,28 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     controls = jax.tree.map(lambda x: placed(x, rep), controls)
     ids = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=by_batch)
     mask = jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=by_batch)
+    positions = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=by_batch)
     active = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=by_batch)
     cache_sharding = cache_shardings(cfg, mesh, b) if mesh is not None else None
     static = dict(sampler=sampler, platform=platform)
 
     start = time.perf_counter()
-    if req.prompt_len:
-        lowered = gen._prefill_jit.lower(graphdef, params, None, ids, mask, active, controls, max_len=max_len,
-                                         cache_sharding=cache_sharding, **static)
+    if chunks:  # generate's chunk step, run chunks - 1 times before a last chunk like it
+        cache, seen = jax.eval_shape(lambda: gen._new_cache(cfg, b, max_len, dtype))
+        if mesh is not None:
+            cache = jax.tree.map(placed, cache, cache_sharding)
+        cache = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                             placed(x, by_batch if x.ndim else rep), cache)
+        seen = placed(seen, by_batch)
+        lowered = gen._prefill_chunk_jit.lower(graphdef, params, None, cache, seen, ids, mask, positions,
+                                               platform=platform)
+    elif req.prompt_len:
+        lowered = gen._prefill_jit.lower(graphdef, params, None, ids, mask, positions, active, controls, None, None,
+                                         max_len=max_len, cache_sharding=cache_sharding, **static)
     else:
-        state = jax.eval_shape(lambda p, i, m, a, c: gen._prefill(graphdef, p, None, i, m, a, c, max_len=max_len,
-                                                                 **static),
-                               params, ids, mask, active, controls)
+        state = jax.eval_shape(lambda p, i, m, pos, a, c: gen._prefill(graphdef, p, None, i, m, pos, a, c, None, None,
+                                                                      max_len=max_len, **static),
+                               params, ids, mask, positions, active, controls)
         if mesh is not None:  # the decode loop keeps the placement the prefill gave the state
             state = dataclasses.replace(state, cache=jax.tree.map(placed, state.cache, cache_sharding))
         state = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
@@ -212,17 +249,20 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
             raise
         compiled, fits_error = None, _first_line(e)
     compile_s = time.perf_counter() - start
+    step = "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
     result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
-                  devices=len(devs) if mesh is not None else 1, batch=b, step="prefill" if req.prompt_len else "decode",
-                  prompt_len=req.prompt_len, cache_len=max_len, dtype=req.dtype, config=req.config,
+                  devices=len(devs) if mesh is not None else 1, batch=b, step=step, prompt_len=req.prompt_len,
+                  chunks=chunks or None, cache_len=max_len, dtype=req.dtype, config=req.config,
+                  quantize=req.quantize,
+                  attention=f"xla blockwise, {blocks_to_visit(platform)} key blocks of {BLOCK}",
                   compile_s=round(compile_s, 1))
     kv_heads = cfg.num_key_value_heads
     if mesh is not None and cfg.num_key_value_heads % mesh.shape["tensor"] == 0:
         kv_heads //= mesh.shape["tensor"]
     per_dev_batch = b // (mesh.shape["data"] if mesh is not None else 1)
-    tokens = b * (req.prompt_len or 1)
+    tokens = b * (t if req.prompt_len else 1)  # a step's tokens: the prompt, one chunk of it, or one a row
     result["roofline_bytes"] = roofline_bytes(cfg, pshard, itemsize, tokens, per_dev_batch,
-                                              req.prompt_len if req.prompt_len else max_len, kv_heads)
+                                              t if req.prompt_len and not chunks else max_len, kv_heads)
     if compiled is None:
         result.update(fits=False, error=fits_error)
         return result
@@ -230,16 +270,20 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     text = compiled.as_text()
     if dump_hlo:
         os.makedirs(dump_hlo, exist_ok=True)
-        name = f"{target.name}-{result['step']}-b{b}" + (f"-t{req.prompt_len}" if req.prompt_len else "") + ".hlo.txt"
+        name = f"{target.name}-{step}-b{b}" + (f"-t{req.prompt_len}" if req.prompt_len else "") + ".hlo.txt"
         with open(os.path.join(dump_hlo, name), "w") as f:
             f.write(text)
     # The weights are the first entry parameters (the jitted functions take them first, and use every one).
-    # A data-dependent loop inside the step (the MoE loop over the distinct experts chosen) runs at most once
-    # per expert the step's tokens can touch on a device; the decode loop's body is the step.
+    # A data-dependent loop inside the step runs at most: over attention's key blocks, as many as the cache
+    # holds (the last chunk's); over the distinct experts chosen, once per expert the step's tokens can touch
+    # on a device. The decode loop's body is the step.
     local_experts = cfg.num_experts // (mesh.shape["expert"] if mesh is not None else 1)
+    bound = lambda functions: (-(-max_len // BLOCK) if "_attend_blocks" in functions
+                               else min(local_experts, tokens * cfg.num_experts_per_tok))
     report = hlo_cost.analyze(text, set(range(len(jax.tree.leaves(params)))), step_loop=not req.prompt_len,
-                              loop_bound=min(local_experts, tokens * cfg.num_experts_per_tok))
-    weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * itemsize for p, shape in iter_params(cfg))
+                              loop_bound=bound)
+    weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
+                  for p, shape in iter_params(cfg))
     used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     result.update(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
@@ -254,7 +298,9 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     # products at the peak rate (a real step is slower than both).
     step_s = max(result["bytes_per_step"] / target.bandwidth, report.flops / target.peak_flops)
     result["est_step_ms"] = round(step_s * 1e3, 2)
-    result["est_tokens_per_s"] = round(b * (req.prompt_len or 1) / step_s, 1)
+    result["est_tokens_per_s"] = round(tokens / step_s, 1)
+    if chunks:  # the whole prompt: its chunks one after another (the last one costs about what the others do)
+        result["est_prompt_s"] = round(chunks * step_s, 2)
     result["top_kernels"] = [dict(name=k.name, kind=k.kind, bytes=int((k.read + k.written) * k.runs), runs=k.runs)
                              for k in report.top(8)]
     return result
@@ -302,8 +348,13 @@ def add_arguments(name: str, parser) -> None:
                         help="batch size (repeat the flag for several; default 1)")
     parser.add_argument("--prompt-len", type=_positive, default=None, metavar="N",
                         help="compile the prefill of N-token prompts instead of the decode step")
-    parser.add_argument("--cache-len", type=_positive, default=4096, metavar="N", help="KV cache slots (default 4096)")
+    parser.add_argument("--cache-len", type=_positive, default=None, metavar="N",
+                        help="KV cache slots (default: 4096 for decode; for a prefill, what generate allocates)")
+    parser.add_argument("--prefill-chunk", type=_positive, default=None, metavar="N",
+                        help="tokens a prefill step takes at a time (default: generate's, 2048)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--quantize", default=None, metavar="TYPE",
+                        help="weight-only quantization of the projections: int8, fp8 or int8:BLOCK (docs/quantization.md)")
     parser.add_argument("--config", default="qwen2-57b-a14b-instruct",
                         help="an embedded config name or a config.json (default: the full Qwen2-57B-A14B)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
@@ -324,7 +375,8 @@ def _positive(text: str) -> int:
 
 def run(name, args) -> int:
     results = [compile_step(Request(target=args.target, mesh=args.mesh, batch=b, prompt_len=args.prompt_len,
-                                    cache_len=args.cache_len, dtype=args.dtype, config=args.config),
+                                    cache_len=args.cache_len, dtype=args.dtype, config=args.config,
+                                    prefill_chunk=args.prefill_chunk, quantize=args.quantize),
                             dump_hlo=args.dump_hlo)
                for b in (args.batch or [1])]
     if args.json == "-":

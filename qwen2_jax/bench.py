@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from .errors import InputError
+
 QUARTER = "qwen2-57b-a14b-quarter"
 # A few-MB model for the tests and for trying the command out quickly.
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -61,6 +63,9 @@ def add_arguments(name, parser):
                         help="prompt length for prefill and time to first token (default 512)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating JAX/HF rounds; medians reported")
     parser.add_argument("--no-hf", action="store_true", help="measure the JAX side only")
+    parser.add_argument("--quantize", default=None, metavar="TYPE",
+                        help="the JAX side with weight-only quantization (int8, fp8, int8:BLOCK); transformers stays "
+                             "float32")
     parser.add_argument("--hf-python", default=sys.executable,
                         help="Python interpreter with torch and transformers for the HF side (default: this one)")
     parser.add_argument("--json", default="bench.json", help="results file (default bench.json)")
@@ -142,12 +147,12 @@ def _median_seconds(fn, repeats: int) -> float:
 
 # ---- the config and the checkpoint --------------------------------------------------------------------------
 def bench_config(name: str, layers: int | None = None):
-    from .config import ConfigError, Qwen2MoeConfig, load_config
+    from .config import Qwen2MoeConfig, load_config
 
     cfg = Qwen2MoeConfig(**TINY) if name == "tiny" else load_config(name)
     if layers is not None:
         if layers < 1:
-            raise ConfigError(f"--layers must be >= 1, got {layers}")
+            raise InputError(f"--layers must be >= 1, got {layers}")
         cfg = cfg.replace(num_hidden_layers=layers, mlp_only_layers=tuple(i for i in cfg.mlp_only_layers if i < layers))
     return cfg
 
@@ -189,7 +194,7 @@ def _max_rss() -> int:
 class JaxSide:
     name = "jax"
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, quantize: str | None = None):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -198,7 +203,7 @@ class JaxSide:
         from .generate import generate
 
         t0 = time.perf_counter()
-        self.model = from_pretrained(checkpoint, dtype="float32")
+        self.model = from_pretrained(checkpoint, dtype="float32", quantize=quantize)
         jax.block_until_ready(nnx.state(self.model))
         self.load_seconds = time.perf_counter() - t0
         self._generate = generate
@@ -411,16 +416,16 @@ def _positive_ints(text: str, flag: str) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise ValueError(f"{flag} must be positive integers separated by commas, got {text!r}")
+        raise InputError(f"{flag} must be positive integers separated by commas, got {text!r}")
     return sorted(set(values))
 
 
 def _check_args(args):
     for flag in ("prompt_len", "prefill_len", "rounds"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be >= 2 (decode time is N tokens minus 1 token), got {args.new_tokens}")
+        raise InputError(f"--new-tokens must be >= 2 (decode time is N tokens minus 1 token), got {args.new_tokens}")
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
 
@@ -450,7 +455,7 @@ def _run(args, batches) -> int:
     for n, flag in ((args.prompt_len + args.new_tokens, "--prompt-len + --new-tokens"),
                     (args.prefill_len + 1, "--prefill-len + 1")):
         if n > cfg.max_position_embeddings:
-            raise ValueError(f"{flag} = {n} exceeds the config's max_position_embeddings {cfg.max_position_embeddings}")
+            raise InputError(f"{flag} = {n} exceeds the config's max_position_embeddings {cfg.max_position_embeddings}")
     checkpoint = args.checkpoint or random_checkpoint(cfg, args.work_dir)
     # XLA:CPU's intra-op pool has one thread per core this process may run on; torch gets the same number.
     threads = len(os.sched_getaffinity(0))
@@ -464,7 +469,7 @@ def _run(args, batches) -> int:
                  decode_prompts={b: prompts(cfg.vocab_size, b, args.prompt_len, seed=b) for b in batches},
                  long_prompt=prompts(cfg.vocab_size, 1, args.prefill_len, seed=1000))
 
-    sides = [JaxSide(checkpoint)]
+    sides = [JaxSide(checkpoint, args.quantize)]
     hf_note = None
     if not args.no_hf:
         try:
@@ -497,6 +502,7 @@ def _run(args, batches) -> int:
     floor_ms = 1e3 * step_bytes["1"]["total_bytes"] / (bandwidth["gbs"] * 1e9)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "config": config_name, "dtype": "float32", "threads": threads,
+        "quantize": args.quantize,
         "machine": machine, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "checkpoint": checkpoint, "batches": batches, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "prefill_len": args.prefill_len, "rounds": args.rounds, "bandwidth": bandwidth, "step_bytes": step_bytes,
@@ -505,7 +511,7 @@ def _run(args, batches) -> int:
                 "jax_version": jax.__version__, "backend": jax.default_backend()},
         "hf": None, "hf_note": hf_note,
     }
-    if 1 in batches:
+    if 1 in batches and not args.quantize:  # the floor counts float32 weights
         result["floor"] = {"bytes": step_bytes["1"]["total_bytes"],
                            "distinct_experts": step_bytes["1"]["distinct_experts_per_layer"],
                            "bandwidth_gbs": bandwidth["gbs"], "floor_ms": floor_ms,

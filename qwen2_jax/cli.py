@@ -1,6 +1,7 @@
 """The ``qwen2-jax`` command: each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``. Bad input ends in one line on stderr and a non-zero exit,
-never a traceback."""
+``add_arguments(parser)`` and ``run(args) -> int``. Bad input (the project's own errors, ``qwen2_jax.errors``,
+and the OS errors about the user's paths) ends in one line on stderr and exit status 2; anything else is a bug
+and keeps its traceback. ``QWEN2_JAX_DEBUG=1`` shows the traceback of bad input too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import importlib
 import os
 import sys
 
+from .errors import Qwen2JaxError
+
 COMMANDS = {
     "demo": ("qwen2_jax.demo", "chat with a small random-weight Qwen2-MoE and the real Qwen tokenizer (no download)"),
     "generate": ("qwen2_jax.cli_generate", "generate text from a prompt, streamed to stdout"),
@@ -16,6 +19,8 @@ COMMANDS = {
     "convert": ("qwen2_jax.convert.cli", "convert a Hugging Face safetensors checkpoint to Orbax"),
     "bench": ("qwen2_jax.bench", "benchmark the JAX port against transformers on the same weights"),
     "aot": ("qwen2_jax.aot", "compile a step for an H200, H100 or TPU slice without one and read what it moves"),
+    "parity": ("qwen2_jax.parity", "this port against transformers on a checkpoint, op by op and layer by layer"),
+    "serve": ("qwen2_jax.serve", "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
 }
 
 
@@ -56,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .hf_files import CheckpointError
+# What a user can get wrong: reported in one line. Every other exception is a bug and keeps its traceback.
+USER_ERRORS = (Qwen2JaxError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
@@ -67,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("convert", "aot"):
             enable_compilation_cache()
         return int(module.run(args.command, args) or 0)
-    except (ConfigError, CheckpointError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:
-        print(f"qwen2-jax {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("QWEN2_JAX_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"qwen2-jax {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from .errors import InputError
 from .generate import GenerationConfig, fit_context, generate_stream
 from .sampling import check_sampling_args
 
@@ -41,6 +42,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                    help="an end token (repeatable; default: the generation config's)")
     g.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt too long for the context instead of refusing it")
+    g.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
+                   help="prompt tokens the prefill takes at a time: longer prompts go through in chunks (default 2048)")
     if name != "demo":
         g.add_argument("--dtype", choices=("float32", "bfloat16"),
                        help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
@@ -49,8 +52,10 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         add_mesh_argument(g)
 
 
-def sampling_settings(args, generation_config: GenerationConfig | None, default_eos=()) -> dict:
-    """The keyword arguments of ``generate_stream``: each flag, else the generation config's value."""
+def sampling_settings(args, generation_config: GenerationConfig | None, default_eos=(),
+                      source: str = "generation_config.json") -> dict:
+    """The keyword arguments of ``generate_stream``: each flag, else the generation config's value. A bad value
+    is an InputError naming its flag, or ``source`` (the generation config file) when it came from there."""
     gen = generation_config or GenerationConfig()
     pick = lambda flag, value: value if flag is None else flag
     settings = dict(
@@ -58,15 +63,19 @@ def sampling_settings(args, generation_config: GenerationConfig | None, default_
         temperature=pick(args.temperature, gen.temperature if gen.do_sample else 0.0),
         top_k=pick(args.top_k, gen.top_k), top_p=pick(args.top_p, gen.top_p),
         repetition_penalty=pick(args.repetition_penalty, gen.repetition_penalty),
-        seed=args.seed, truncate=args.truncate,
+        seed=args.seed, truncate=args.truncate, prefill_chunk=getattr(args, "prefill_chunk", 2048),
         eos_token_ids=tuple(args.eos_token_id or gen.eos_token_id or default_eos))
-    if settings["max_new_tokens"] < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {settings['max_new_tokens']}")
+    n = settings["max_new_tokens"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        where = "--max-new-tokens" if args.max_new_tokens is not None else f"{source}: max_new_tokens"
+        raise InputError(f"{where} must be >= 1, got {n!r}{'' if isinstance(n, int) else ' (expected an integer)'}")
     try:
         check_sampling_args(**{k: settings[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")})
-    except ValueError as e:  # the message starts with the keyword: name the flag instead
+    except InputError as e:  # the message starts with the keyword: name the flag, or the file it came from
         keyword = str(e).split()[0]
-        raise ValueError("--" + keyword.replace("_", "-") + str(e)[len(keyword):]) from None
+        if getattr(args, keyword) is None:
+            raise InputError(f"{source}: {e}") from None
+        raise InputError("--" + keyword.replace("_", "-") + str(e)[len(keyword):]) from None
     return settings
 
 
@@ -74,22 +83,61 @@ def check_flags(args) -> None:
     """The flags' own values, before anything is loaded."""
     sampling_settings(args, None)
     if getattr(args, "prompt", None) is not None and not args.prompt:
-        raise ValueError("--prompt is empty")
+        raise InputError("--prompt is empty")
+    for flag in ("prompt", "system"):
+        problem = not_utf8(getattr(args, flag, None))
+        if problem:
+            raise InputError(f"--{flag} is not valid UTF-8 text ({problem})")
+    for e in args.eos_token_id or ():
+        if not 0 <= e < 2**31:
+            raise InputError(f"--eos-token-id {e} is not a token id: expected an integer in [0, vocab_size)")
+    if getattr(args, "prefill_chunk", 1) < 1:
+        raise InputError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+
+
+def not_utf8(text: str | None) -> str | None:
+    """What makes ``text`` impossible to tokenize: a byte that was not UTF-8 where it came from (the command
+    line or stdin decode such bytes to lone surrogates), or None when there is nothing wrong."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"{what} at character {e.start}"
+
+
+def fit_prompt(prompt_ids: list[int], settings: dict, cfg) -> list[int]:
+    """The prompt checked against the model before it runs: its ids in the vocabulary, its length in the context
+    with room for ``max_new_tokens`` (with ``--truncate``, its last tokens)."""
+    bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise InputError(f"the tokenizer gives token id {bad[0]}, outside the model's vocabulary [0, "
+                         f"{cfg.vocab_size}) (vocab_size in config.json): its files are not this checkpoint's")
+    return fit_context([prompt_ids], settings["max_new_tokens"], cfg.context_length, settings["truncate"])[0]
 
 
 def prepare(args, checkpoint: str):
     """Config, tokenizer and sampling settings of a checkpoint directory: the cheap checks, before loading."""
     from .config import Qwen2MoeConfig
     from .hf_files import CheckpointError
+    from .loading import read_generation_config
     from .tokenizer import load_tokenizer
 
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"{checkpoint}: not a checkpoint directory")
     cfg = Qwen2MoeConfig.from_json(checkpoint)
+    bad = [e for e in args.eos_token_id or () if not 0 <= e < cfg.vocab_size]
+    if bad:
+        raise InputError(f"--eos-token-id {bad[0]} is outside the vocabulary: expected an integer in "
+                         f"[0, {cfg.vocab_size}) (vocab_size in config.json)")
     tokenizer = load_tokenizer(checkpoint)
     tokenizer_eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     default_eos = tuple(dict.fromkeys([*cfg.eos_token_id, *tokenizer_eos]))
-    settings = sampling_settings(args, GenerationConfig.from_pretrained(checkpoint), default_eos)
+    settings = sampling_settings(args, read_generation_config(checkpoint), default_eos,
+                                 source=os.path.join(checkpoint, "generation_config.json"))
     return cfg, tokenizer, settings
 
 
@@ -163,7 +211,7 @@ def run(name: str, args) -> int:
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     # checked before loading; with --truncate, the last tokens that leave room for --max-new-tokens
-    kept = fit_context([prompt_ids], settings["max_new_tokens"], cfg.max_position_embeddings, args.truncate)[0]
+    kept = fit_prompt(prompt_ids, settings, cfg)
     if len(kept) < len(prompt_ids):
         print(f"prompt truncated from {len(prompt_ids)} to its last {len(kept)} tokens", file=sys.stderr)
     prompt_ids = kept
@@ -193,8 +241,14 @@ def chat(model, tokenizer, settings: dict, *, system: str | None = None, stdin=N
         except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
             print(file=sys.stderr)
             continue
+        except UnicodeDecodeError as e:  # stdin decodes strictly: the line is lost, the chat goes on
+            print(f"error: the input is not valid UTF-8 text ({e.reason}); type it again", file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
+            continue
+        if not_utf8(line):  # stdin decoding with surrogateescape (a C locale) lets such bytes through
+            print(f"error: the input is not valid UTF-8 text ({not_utf8(line)}); type it again", file=sys.stderr)
             continue
         if line in ("/exit", "/quit"):
             return 0
@@ -205,9 +259,10 @@ def chat(model, tokenizer, settings: dict, *, system: str | None = None, stdin=N
         history.append({"role": "user", "content": line})
         prompt_ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         try:
-            answer = stream_answer(model, tokenizer, prompt_ids, settings, stop_on_interrupt=True)
-        except ValueError as e:  # e.g. the history outgrew the context: say so and keep chatting
+            prompt_ids = fit_prompt(prompt_ids, settings, model.config)
+        except InputError as e:  # e.g. the history outgrew the context: say so and keep chatting
             history.pop()
             print(f"error: {e} (/reset clears the history)", file=sys.stderr)
             continue
+        answer = stream_answer(model, tokenizer, prompt_ids, settings, stop_on_interrupt=True)
         history.append({"role": "assistant", "content": tokenizer.decode([t for t in answer if t not in eos])})

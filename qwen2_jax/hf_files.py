@@ -14,8 +14,10 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from .errors import Qwen2JaxError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(Qwen2JaxError):
     """A checkpoint that cannot be loaded; the message names the file or tensor and what is wrong."""
 
 

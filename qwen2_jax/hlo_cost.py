@@ -7,7 +7,8 @@ collective, or an unfused op. For each one this counts the bytes it reads and wr
   only the sliced bytes (a weight picked out of a larger array in place); an operand updated in place by a
   dynamic-update-slice is not read, and only the update is written;
 - loops weigh their bodies by the trip count XLA annotated (or, on TPU, the ``i < N`` of a counted loop); a
-  data-dependent ``while_loop`` counts as ``loop_bound`` trips (1 when not given), except, with
+  data-dependent ``while_loop`` counts as ``loop_bound`` trips (1 when not given; a callable gets the names of
+  the Python functions that made the loop, innermost first, from the HLO's stack frames), except, with
   ``step_loop``, the first one of the entry computation: the decode loop, whose body is one step;
   ``unknown_trip_loops`` says how many data-dependent loops were counted; a conditional counts its most
   expensive branch.
@@ -46,7 +47,10 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
                "ragged-all-to-all", "collective-broadcast")
 COMPUTE = {"dot", "convolution", "reduce", "reduce-window", "sort", "ragged-dot", "scaled-dot", "select-and-scatter"}
 SLICING = {"slice", "dynamic-slice", "gather"}
-PASS_THROUGH = {"bitcast", "reshape", "get-tuple-element"}
+# Inside a fusion these compute each element from the same element of their operand, on demand: a slice of
+# their result reads only the slice (XLA:TPU re-tiles an int8 weight with a copy nested in the fusion that
+# slices one expert out of it). A fusion's root is still written whole (``_reads``).
+PASS_THROUGH = {"bitcast", "reshape", "get-tuple-element", "copy"}
 
 
 def shape_bytes(shape: str, hbm_only: bool = True) -> int:
@@ -167,6 +171,34 @@ def _parse_instr(line: str) -> Instr | None:
     return Instr(name, shape, opcode, operands, attrs, root, args if opcode == "constant" else "")
 
 
+def stack_functions(text: str) -> dict[int, list[str]]:
+    """Per stack frame id of the HLO's tables, the Python functions of its stack, innermost first."""
+    tables: dict[str, dict[int, str]] = {}
+    section = None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = tables.setdefault(line, {})
+        elif not line.strip():
+            section = None
+        elif section is not None:
+            key, _, value = line.partition(" ")
+            section[int(key)] = value
+    names = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+    location = {k: int(re.search(r"function_name_id=(\d+)", v).group(1))
+                for k, v in tables.get("FileLocations", {}).items()}
+    frames = {k: (int(re.search(r"file_location_id=(\d+)", v).group(1)),
+                  int(re.search(r"parent_frame_id=(\d+)", v).group(1)) - 1)  # printed one past the parent's id
+              for k, v in tables.get("StackFrames", {}).items()}
+    out = {}
+    for frame in frames:
+        chain, f = [], frame
+        while f in frames and len(chain) < 64:
+            chain.append(names.get(location.get(frames[f][0], 0), "?"))
+            f = frames[f][1]
+        out[frame] = chain
+    return out
+
+
 def parse(text: str) -> dict[str, Computation]:
     """The computations of an HLO module's text, by name."""
     comps: dict[str, Computation] = {}
@@ -229,8 +261,9 @@ class Report:
 
 class Analyzer:
     def __init__(self, text: str, weight_params: set[int] | None = None, *, step_loop: bool = False,
-                 loop_bound: int | None = None):
+                 loop_bound=None):
         self.comps = parse(text)
+        self.frames = stack_functions(text)
         self.entry = next(c for c in self.comps.values() if c.entry)
         self.weight_params = set(weight_params or ())
         self.kernels: list[Kernel] = []
@@ -373,6 +406,9 @@ class Analyzer:
                 elif trip is None:
                     self.unknown += 1
                     trip = self.loop_bound or 1
+                    if callable(trip):
+                        frame = re.search(r"stack_frame_id=(\d+)", i.attrs)
+                        trip = trip(self.frames.get(int(frame.group(1)), []) if frame else [])
                 carried = {0: sub_params.get(0, frozenset())}
                 if body is not None:
                     self._walk(body, runs * trip, carried)
@@ -559,7 +595,7 @@ def _group_size(attrs: str) -> int:
     return 1
 
 
-def analyze(text: str, weight_params=None, *, step_loop: bool = False, loop_bound: int | None = None) -> Report:
+def analyze(text: str, weight_params=None, *, step_loop: bool = False, loop_bound=None) -> Report:
     """The kernels of the optimized HLO ``text`` with their bytes (see the module docstring)."""
     return Analyzer(text, weight_params, step_loop=step_loop, loop_bound=loop_bound).run()
 

@@ -6,12 +6,15 @@ import os
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from .config import Qwen2MoeConfig
+from .errors import InputError, Qwen2JaxError
 from .generate import GenerationConfig
 from .hf_files import CheckpointError
 from .model import Qwen2MoeForCausalLM, abstract_model
-from .params import load_hf
+from .params import load_hf, quantize_tree
+from .quant import QuantConfig
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 ORBAX_PARAMS = "params"  # the Orbax checkpoint's sub-directory inside a converted directory
@@ -20,28 +23,57 @@ ORBAX_PARAMS = "params"  # the Orbax checkpoint's sub-directory inside a convert
 def resolve_dtype(dtype):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+            raise InputError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
         return DTYPES[dtype]
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        raise ValueError(f"dtype {jnp.dtype(dtype).name} is not supported; expected bfloat16 or float32")
-    return jnp.dtype(dtype).type
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        raise InputError(f"dtype {dtype!r} is not a dtype; expected 'bfloat16' or 'float32'") from None
+    if name not in DTYPES:
+        raise InputError(f"dtype {name} is not supported; expected bfloat16 or float32")
+    return DTYPES[name]
+
+
+def read_generation_config(path) -> GenerationConfig | None:
+    """The checkpoint's ``generation_config.json`` (None when it has none); one that cannot be read is a
+    CheckpointError naming the file."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except (ValueError, TypeError) as e:  # unreadable JSON, or an end token such as null or "x"
+        if isinstance(e, Qwen2JaxError):
+            raise
+        file = os.path.join(os.fspath(path), "generation_config.json")
+        text = " ".join(str(e).splitlines())
+        raise CheckpointError(text if text.startswith(file) else f"{file}: not a valid generation config ({text})") from None
 
 
 def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, ORBAX_PARAMS))
 
 
-def from_pretrained(path, *, dtype="bfloat16", mesh=None) -> Qwen2MoeForCausalLM:
+def from_pretrained(path, *, dtype="bfloat16", mesh=None, quantize=None) -> Qwen2MoeForCausalLM:
     """Loads a model from an HF directory (safetensors, single or sharded) or a converted Orbax directory.
 
     With ``mesh`` (a ``jax.sharding.Mesh``, see ``qwen2_jax.sharding.make_mesh``) every array is placed
     directly in its sharding: each device reads only its own block of each weight.
+    ``quantize`` ("int8", "fp8", "int8:BLOCK" or a ``QuantConfig``): weight-only quantization of a float
+    checkpoint as it loads (a checkpoint ``convert --quantize`` wrote is quantized already, and loads so).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a checkpoint directory (a str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
     dtype = resolve_dtype(dtype)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise InputError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__} {mesh!r:.60}; make one with "
+                         'qwen2_jax.sharding.make_mesh("data=1,expert=4,tensor=2")')
     cfg = Qwen2MoeConfig.from_json(path)
+    quant = QuantConfig.parse(quantize)
+    if quant is not None:
+        if cfg.quantization is not None:
+            raise InputError(f"{path}: already quantized ({cfg.quantization.dtype}); load it without quantize=")
+        cfg = cfg.replace(quantization=quant)
     shardings = None
     if mesh is not None:
         from .sharding import param_shardings
@@ -50,12 +82,16 @@ def from_pretrained(path, *, dtype="bfloat16", mesh=None) -> Qwen2MoeForCausalLM
     if is_orbax_checkpoint(path):
         from .convert import restore_params
 
-        tree = restore_params(path, cfg, dtype, shardings)
+        # A float checkpoint asked to quantize: restored in float, then each weight quantized on its devices.
+        stored = cfg.replace(quantization=None) if quant is not None else cfg
+        tree = restore_params(path, stored, dtype, shardings)
+        if quant is not None:
+            tree = quantize_tree(cfg, tree, shardings)
     else:
-        tree = load_hf(path, cfg, dtype, shardings)
+        tree = load_hf(path, cfg, dtype, shardings)  # quantized block by block as it is read
     model = build_model(cfg, tree, dtype, mesh)
     # End tokens and sampling defaults of the checkpoint (for this model <|im_end|> as well as <|endoftext|>).
-    model.generation_config = GenerationConfig.from_pretrained(path)
+    model.generation_config = read_generation_config(path)
     return model
 
 

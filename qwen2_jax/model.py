@@ -22,30 +22,47 @@ import numpy as np
 from flax import nnx
 
 from . import moe
+from .attention import attention, blocks_to_visit
 from .cache import KVCache
 from .config import Qwen2MoeConfig
+from .errors import InputError
 from .params import nest
+from . import quant
+from .quant import QuantConfig, operand, scale_shape
 
 _init = nnx.initializers.normal(0.02)
+
+
+def _param(rngs, shape, param_dtype, quant: QuantConfig | None, axis: int):
+    """A weight and its scales: (Param, None) in float, (int8/fp8 Param, float32 Param) quantized (zeros and
+    ones until loaded: a quantized model is made by quantizing a float one, ``params.quantize_tree``)."""
+    if quant is None:
+        return nnx.Param(_init(rngs.params(), shape, param_dtype)), None
+    return (nnx.Param(jnp.zeros(shape, quant.storage)),
+            nnx.Param(jnp.ones(scale_shape(shape, quant, axis), jnp.float32)))
 
 
 class Linear(nnx.Module):
     """HF's ``nn.Linear``: ``weight [out, in]`` (HF's own layout, which every backend's matmul reads in place;
     XLA:GPU turns a one-row product with an ``[in, out]`` weight into a product array it writes and reads
-    again) and an optional ``bias [out]``."""
+    again), an optional ``bias [out]``, and ``weight_scale [out, blocks]`` when quantized (``quant.py``)."""
 
-    def __init__(self, n_in: int, n_out: int, *, bias: bool, dtype, param_dtype, rngs):
-        self.weight = nnx.Param(_init(rngs.params(), (n_out, n_in), param_dtype))
+    def __init__(self, n_in: int, n_out: int, *, bias: bool, dtype, param_dtype, rngs, quant=None):
+        self.weight, self.weight_scale = _param(rngs, (n_out, n_in), param_dtype, quant, axis=1)
         self.bias = nnx.Param(_init(rngs.params(), (n_out,), param_dtype)) if bias else None
         self.dtype = dtype
 
+    def operand(self):
+        """The weight as a product reads it: the array, or a ``QArray`` whose values are dequantized in the kernel."""
+        return operand(self.weight[...], None if self.weight_scale is None else self.weight_scale[...], 1)
+
     def __call__(self, x):
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        y = quant.einsum("...i,oi->...o", x.astype(self.dtype), self.operand(), self.dtype)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
-def _linear(n_in, n_out, *, bias, dtype, param_dtype, rngs):
-    return Linear(n_in, n_out, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _linear(n_in, n_out, *, bias, dtype, param_dtype, rngs, quant=None):
+    return Linear(n_in, n_out, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
 
 
 class RMSNorm(nnx.Module):
@@ -108,34 +125,27 @@ def apply_rope(x, cos, sin):
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2MoeConfig, *, dtype, param_dtype, rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=cfg.quantization)
         self.q_proj = _linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias, **kw)
         self.k_proj = _linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias, **kw)
         self.v_proj = _linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias, **kw)
         self.o_proj = _linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
-        """x: [B, T, H]; mask: [B, T, S] (query may see key). With ``cache``, the new keys go into it at
-        ``layer`` and the queries attend over its slots; without, over the new keys themselves."""
+    def __call__(self, x, cos, sin, valid, cache: KVCache | None, layer: int, upto=None):
+        """x: [B, T, H] at slots ``cache.index ..`` (0 without a cache); ``valid [B, S]``: which slots hold real
+        tokens. With ``cache``, the new keys go into it at ``layer`` and the queries attend over its slots;
+        without, over the new keys themselves. ``upto``: see ``attention.attention``."""
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, Hkv, T, D], [B, Hkv, D, T]: the cache's
+        start = 0
         if cache is not None:
+            start = cache.index
             cache = cache.update(layer, k, v)
             k, v = cache.layer(layer)  # [B, Hkv, S, D], [B, Hkv, D, S]
-
-        # Grouped-query attention: each KV head serves `groups` query heads, without repeating the cache.
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim).astype(k.dtype)
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bkds->btkgd", probs, v)
-        # A query that may see no key (a left-padding position) outputs zeros, as torch's SDPA does for HF.
-        out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None, None], out, 0).astype(x.dtype)
+        out = attention(q, k, v, valid, start, upto=upto)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
@@ -143,8 +153,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU, HF's ``Qwen2MoeMLP``: the dense layers' MLP and the shared expert."""
 
-    def __init__(self, hidden: int, intermediate: int, *, dtype, param_dtype, rngs):
-        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, hidden: int, intermediate: int, *, dtype, param_dtype, rngs, quant=None):
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
         self.gate_proj = _linear(hidden, intermediate, **kw)
         self.up_proj = _linear(hidden, intermediate, **kw)
         self.down_proj = _linear(intermediate, hidden, **kw)
@@ -157,13 +167,23 @@ class Experts(nnx.Module):
     """One layer's routed experts, HF's per-expert weights transposed to ``[in, out]`` and stacked on the
     expert axis: ``gate_proj, up_proj [E, H, I]`` and ``down_proj [E, I, H]``. Every dispatch of ``moe`` reads
     them in place on GPU and TPU in either layout (docs/accelerators.md); XLA:CPU multiplies a few rows by an
-    ``[in, out]`` matrix 1.5x faster than by an ``[out, in]`` one, and an expert sees a few rows."""
+    ``[in, out]`` matrix 1.5x faster than by an ``[out, in]`` one, and an expert sees a few rows. Quantized,
+    each has its scales beside it (``gate_proj_scale [E, blocks, I]``, ...)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, param_dtype, rngs):
-        self.gate_proj = nnx.Param(_init(rngs.params(), (num_experts, hidden, intermediate), param_dtype))
-        self.up_proj = nnx.Param(_init(rngs.params(), (num_experts, hidden, intermediate), param_dtype))
-        self.down_proj = nnx.Param(_init(rngs.params(), (num_experts, intermediate, hidden), param_dtype))
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, param_dtype, rngs, quant=None):
+        self.gate_proj, self.gate_proj_scale = _param(rngs, (num_experts, hidden, intermediate), param_dtype, quant, 1)
+        self.up_proj, self.up_proj_scale = _param(rngs, (num_experts, hidden, intermediate), param_dtype, quant, 1)
+        self.down_proj, self.down_proj_scale = _param(rngs, (num_experts, intermediate, hidden), param_dtype, quant, 1)
         self.dtype = dtype
+
+    def operands(self):
+        """(gate_proj, up_proj, down_proj) as the dispatch reads them: arrays in the compute dtype, or ``QArray``s."""
+        out = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            scale = getattr(self, name + "_scale")
+            w = getattr(self, name)[...]
+            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], 1))
+        return out
 
     def __call__(self, x, weights, experts, impl: str | Callable = "auto", platform: str | None = None,
                  views=None):
@@ -171,7 +191,7 @@ class Experts(nnx.Module):
         (``views.expert_views``), read instead of the parameters."""
         if views is not None:
             return moe.dispatch(x, weights, experts, *views, impl=impl, platform=platform)
-        w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        w = self.operands()
         if callable(impl):  # e.g. the expert-parallel dispatch of qwen2_jax.sharding
             return impl(x, weights, experts, *w)
         return moe.dispatch(x, weights, experts, *w, impl=impl, platform=platform)
@@ -183,9 +203,10 @@ class SparseMoeBlock(nnx.Module):
     def __init__(self, cfg: Qwen2MoeConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = _linear(cfg.hidden_size, cfg.num_experts, bias=False, **kw)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, **kw)
-        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, **kw)
+        self.gate = _linear(cfg.hidden_size, cfg.num_experts, bias=False, **kw)  # the router: never quantized
+        q = cfg.quantization
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, quant=q, **kw)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, quant=q, **kw)
         self.shared_expert_gate = _linear(cfg.hidden_size, 1, bias=False, **kw)
 
     def __call__(self, x, impl="auto", platform=None, views=None):
@@ -200,8 +221,9 @@ class SparseMoeBlock(nnx.Module):
         shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
         if callable(impl):  # expert-parallel: the shared expert's partial sums join the experts' one all-reduce
             dtype = self.experts.dtype
-            shared = [m.weight[...].astype(dtype) for m in (self.shared_expert.gate_proj, self.shared_expert.up_proj,
-                                                           self.shared_expert.down_proj)]
+            shared = [m.operand() for m in (self.shared_expert.gate_proj, self.shared_expert.up_proj,
+                                            self.shared_expert.down_proj)]
+            shared = [w if hasattr(w, "scale") else w.astype(dtype) for w in shared]
             out = self.experts(flat, weights, experts, functools.partial(impl, shared=(shared_gate, *shared)))
         else:
             out = self.experts(flat, weights, experts, impl, platform, views) + shared_gate * self.shared_expert(flat)
@@ -218,13 +240,14 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = SparseMoeBlock(cfg, **kw) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.mlp = (SparseMoeBlock(cfg, **kw) if sparse
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, quant=cfg.quantization, **kw))
         self.sparse = sparse
 
-    def __call__(self, h, cos, sin, mask, cache: KVCache | None, index: int, moe_impl="auto", platform=None,
-                 views=None):
+    def __call__(self, h, cos, sin, valid, cache: KVCache | None, index: int, moe_impl="auto", platform=None,
+                 views=None, upto=None):
         """Returns (h, cache, router_logits [B*T, E] or None for a dense layer)."""
-        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, index)
+        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, valid, cache, index, upto)
         h = h + a
         x = self.post_attention_layernorm(h)
         if self.sparse:
@@ -258,8 +281,9 @@ class Qwen2MoeForCausalLM(nnx.Module):
         self.config = cfg
         self.dtype = dtype
         self.model = Qwen2MoeModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        quant = cfg.quantization if cfg.quantization is not None and cfg.quantization.lm_head else None
         self.lm_head = None if cfg.tie_word_embeddings else _linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, quant=quant)
 
     def __call__(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> logits [B, T, vocab] float32. Positions count from 0 as in HF's forward."""
@@ -294,8 +318,9 @@ class Qwen2MoeForCausalLM(nnx.Module):
             cache = dataclasses.replace(cache, valid=valid)
         else:
             valid = attention_mask
-        slots = jnp.arange(valid.shape[1])
-        mask = valid[:, None, :] & (slots[None, None, :] <= (start + jnp.arange(t))[None, :, None])
+        # Over a long cache, the key blocks past the last query need not be visited, where a loop of a
+        # data-dependent length is cheap (attention.blocks_to_visit).
+        upto = start + t if cache is not None and blocks_to_visit(platform) == "filled" else None
 
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(cfg, positions, h.dtype)
@@ -303,22 +328,22 @@ class Qwen2MoeForCausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             run = _remat_layer if remat else _run_layer
             views = expert_views[i] if expert_views is not None else None
-            h, cache, router = run(layer, h, cos, sin, mask, cache, i, moe_impl, platform, views)
+            h, cache, router = run(layer, h, cos, sin, valid, cache, i, moe_impl, platform, views, upto)
             if router is not None:
                 routers.append(router)
         h = self.model.norm(h)
         if last_only:
             h = h[:, -1:]
-        weight = (self.model.embed_tokens.embedding if self.lm_head is None else self.lm_head.weight)[...]  # [V, H]
-        logits = jnp.einsum("bth,vh->btv", h, weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        weight = self.model.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.operand()  # [V, H]
+        logits = quant.einsum("bth,vh->btv", h, weight, h.dtype, out_dtype=jnp.float32)
         if cache is not None:
             cache = dataclasses.replace(cache, index=cache.index + t)
         router_logits = jnp.stack(routers) if routers and output_router_logits else None
         return Output(logits=logits, cache=cache, router_logits=router_logits)
 
 
-def _run_layer(layer, h, cos, sin, mask, cache, index, moe_impl, platform, views=None):
-    return layer(h, cos, sin, mask, cache, index, moe_impl, platform, views)
+def _run_layer(layer, h, cos, sin, valid, cache, index, moe_impl, platform, views=None, upto=None):
+    return layer(h, cos, sin, valid, cache, index, moe_impl, platform, views, upto)
 
 
 # Recomputes a layer's activations in the backward pass instead of keeping them (training with remat=True).
@@ -330,7 +355,11 @@ def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardi
 
     Each weight is drawn on its own: on XLA:CPU with numpy (compiling threefry for a whole model takes XLA:CPU
     longer than drawing the numbers), on accelerators by a jitted draw straight into the device memory (and
-    into ``shardings[path]`` when given), so a model larger than host memory can be made."""
+    into ``shardings[path]`` when given), so a model larger than host memory can be made. With
+    ``cfg.quantization``: the float model's random weights, quantized."""
+    if cfg.quantization is not None:
+        return quantize_model(init_random(cfg.replace(quantization=None), dtype=dtype, seed=seed, shardings=shardings),
+                              cfg.quantization, shardings=shardings)
     model = abstract_model(cfg, dtype=dtype)
     state = nnx.state(model)
     on_host = jax.default_backend() == "cpu"
@@ -351,6 +380,28 @@ def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardi
     nnx.replace_by_pure_dict(state, nest(leaves))
     nnx.update(model, state)
     return model
+
+
+def quantize_model(model: Qwen2MoeForCausalLM, quant, shardings=None) -> Qwen2MoeForCausalLM:
+    """A new model whose projections hold ``quant``'s values and scales (``QuantConfig``, or "int8", "fp8",
+    "int8:128"), quantized from ``model``'s float weights where they lie (or into ``shardings[path]``), one
+    weight at a time. ``model`` keeps its own arrays."""
+    from .params import quantize_tree
+    from .quant import QuantConfig
+
+    quant = QuantConfig.parse(quant)
+    if model.config.quantization is not None:
+        raise InputError(f"the model is already quantized ({model.config.quantization.dtype}); quantize a float model")
+    cfg = model.config.replace(quantization=quant)
+    tree = quantize_tree(cfg, nnx.to_pure_dict(nnx.state(model)), shardings)
+    out = abstract_model(cfg, dtype=model.dtype)
+    state = nnx.state(out)
+    nnx.replace_by_pure_dict(state, tree)
+    nnx.update(out, state)
+    for name in ("mesh", "generation_config"):
+        if hasattr(model, name):
+            setattr(out, name, getattr(model, name))
+    return out
 
 
 def _device_normal(shape, dtype, sharding):

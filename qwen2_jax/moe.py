@@ -28,6 +28,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import quant
+from .errors import InputError
+
 IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")
 
 
@@ -45,9 +48,10 @@ def canonical_platform(name: str) -> str:
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
-def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_expert: bool = False) -> str:
+def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_expert: bool = False,
+           quantized: bool = False) -> str:
     """The implementation ``auto`` runs for this static token count on ``platform``; ``per_expert``: for
-    experts given as per-expert arrays."""
+    experts given as per-expert arrays; ``quantized``: for ``quant.QArray`` weights."""
     pairs = num_tokens * top_k
     platform = canonical_platform(platform)
     if platform == "cpu":
@@ -70,7 +74,8 @@ def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_exp
     # the batched product once they are all touched; the grouped-matmul kernel for a long prefill.
     if pairs < num_experts:
         return "loop"
-    return "dense" if num_tokens <= 256 else "ragged"
+    # ragged_dot's kernel takes its weight operand as it is: a quantized one would be dequantized into a copy.
+    return "dense" if num_tokens <= 256 or quantized else "ragged"
 
 
 def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "auto", platform: str | None = None):
@@ -79,13 +84,13 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
     per_expert = _per_expert(gate_proj)
     if impl == "auto":
         impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_proj),
-                      platform or jax.default_backend(), per_expert=per_expert)
+                      platform or jax.default_backend(), per_expert=per_expert, quantized=hasattr(gate_proj, "scale"))
     try:
         fn = _IMPLS[impl]
     except KeyError:
-        raise ValueError(f"unknown MoE implementation {impl!r}; expected 'auto' or one of {IMPLEMENTATIONS}") from None
+        raise InputError(f"unknown MoE implementation {impl!r}; expected 'auto' or one of {IMPLEMENTATIONS}") from None
     if per_expert and impl not in ("loop", "grouped"):
-        raise ValueError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
+        raise InputError(f"MoE implementation {impl!r} takes stacked expert weights; per-expert arrays go "
                          "to 'loop' or 'grouped'")
     if impl == "grouped" and not per_expert:
         fn = _grouped_with_dense_gradient
@@ -110,8 +115,10 @@ def _expert_ffn(gate_proj, up_proj, down_proj):
 
 
 def swiglu(x, gate, up, down):
-    """An expert's SwiGLU on rows ``x`` [T, H], its weights ``[in, out]``: HF's ``Qwen2MoeMLP``."""
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+    """An expert's SwiGLU on rows ``x`` [T, H], its weights ``[in, out]``: HF's ``Qwen2MoeMLP``. Every weight is
+    an array or a ``quant.QArray`` (``quant.einsum``)."""
+    mm = lambda a, w: quant.einsum("ti,io->to", a, w, x.dtype)
+    return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
 
 
 def _combine(weights, experts, num_experts, dtype):
@@ -122,8 +129,9 @@ def _combine(weights, experts, num_experts, dtype):
 def dense(x, weights, experts, gate_proj, up_proj, down_proj):
     num_experts = gate_proj.shape[0]
     xe = jnp.broadcast_to(x, (num_experts,) + x.shape)  # [E, T, H]: batched over experts, nothing transposed
-    h = jax.nn.silu(jnp.einsum("eth,ehi->eti", xe, gate_proj)) * jnp.einsum("eth,ehi->eti", xe, up_proj)
-    out = jnp.einsum("eti,eih->eth", h, down_proj)
+    mm = lambda spec, a, w: quant.einsum(spec, a, w, x.dtype)
+    h = jax.nn.silu(mm("eth,ehi->eti", xe, gate_proj)) * mm("eth,ehi->eti", xe, up_proj)
+    out = mm("eti,eih->eth", h, down_proj)
     return jnp.einsum("eth,te->th", out, _combine(weights, experts, num_experts, x.dtype))
 
 
@@ -257,6 +265,7 @@ def ragged(x, weights, experts, gate_proj, up_proj, down_proj):
     xs = jnp.take(x, token_of, axis=0)  # [T*K, H], grouped by expert
     group_sizes = jnp.bincount(jnp.where(skipped, num_experts, flat), length=num_experts + 1)[:num_experts]
     group_sizes = group_sizes.astype(jnp.int32)
+    gate_proj, up_proj, down_proj = (w.astype(x.dtype) for w in (gate_proj, up_proj, down_proj))
     h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes)) * jax.lax.ragged_dot(xs, up_proj, group_sizes)
     out = jax.lax.ragged_dot(h, down_proj, group_sizes) * jnp.take(weights.reshape(-1), order)[:, None]
     return jnp.zeros_like(x).at[token_of].add(out)

@@ -28,6 +28,10 @@ class Param:
     hf: str  # HF name; {e} is the expert
     axes: tuple[str | None, ...]  # logical axes of our array
     layer: int | None = None  # the decoder layer it belongs to
+    # Quantized weights (``cfg.quantization``): the contracting axis of the values, and of their scales'
+    # blocks on the row that holds the scales (``is_scale``; the same HF tensors, quantized as they are read).
+    quant_axis: int | None = None
+    is_scale: bool = False
 
     @property
     def transpose(self) -> bool:
@@ -81,14 +85,55 @@ def _layer_rows(cfg: Qwen2MoeConfig, i: int) -> list[Param]:
 
 
 def param_table(cfg: Qwen2MoeConfig) -> list[Param]:
-    """Every parameter of the model described by ``cfg``, in Hugging Face's order."""
+    """Every parameter of the model described by ``cfg``, in Hugging Face's order; a quantized weight is two
+    rows, its values and then its scales."""
     rows = [Param(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", ("vocab", "embed"))]
     for i in range(cfg.num_hidden_layers):
         rows += _layer_rows(cfg, i)
     rows.append(Param(("model", "norm", "weight"), "model.norm.weight", ("embed",)))
     if not cfg.tie_word_embeddings:
         rows.append(Param(("lm_head", "weight"), "lm_head.weight", ("vocab", "embed")))
-    return rows
+    if cfg.quantization is None:
+        return rows
+    out = []
+    for p in rows:
+        if not is_quantized(cfg, p.path):
+            out.append(p)
+            continue
+        out.append(dataclasses.replace(p, quant_axis=1))  # [out, in] and [E, in, out]: inputs on axis 1
+        out.append(dataclasses.replace(p, path=scale_path(p.path), quant_axis=1, is_scale=True))
+    return out
+
+
+# Quantized when the config asks: the projections of attention and of every MLP and expert (not the router,
+# the shared-expert gate, norms, biases or embeddings), and lm_head with QuantConfig.lm_head.
+_QUANTIZED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def is_quantized(cfg: Qwen2MoeConfig, path: tuple[str, ...]) -> bool:
+    """Whether the weight at ``path`` (a float model's path) is stored quantized under ``cfg.quantization``."""
+    q = cfg.quantization
+    if q is None:
+        return False
+    if path == ("lm_head", "weight"):
+        return q.lm_head
+    owner = path[-2] if path[-1] == "weight" else path[-1] if path[-2] == "experts" else None
+    return owner in _QUANTIZED
+
+
+def scale_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Where the scales of the quantized weight at ``path`` live: ``weight_scale`` beside a Linear's ``weight``,
+    ``gate_proj_scale`` beside an expert stack ``gate_proj``."""
+    return path[:-1] + (path[-1] + "_scale",)
+
+
+def param_dtype(p: Param, dtype, cfg: Qwen2MoeConfig):
+    """The stored dtype of ``p`` in a model of ``dtype``: the quantized type for values, float32 for scales."""
+    if p.is_scale:
+        return np.dtype(np.float32)
+    if p.quant_axis is not None:
+        return np.dtype(cfg.quantization.storage)
+    return dtype
 
 
 # Tensors a checkpoint may carry that hold no weights of ours.
@@ -125,6 +170,8 @@ def check_tensors(cfg: Qwen2MoeConfig, tensors: dict[str, TensorRef]) -> dict[st
     """Every expected tensor present with its shape and a float dtype; nothing unknown. Returns the used ones."""
     used: dict[str, TensorRef] = {}
     for p in param_table(cfg):
+        if p.is_scale:  # made from the same tensors as its values
+            continue
         want = hf_shape(cfg, p)
         for name in hf_names(cfg, p).flat:
             ref = tensors.get(name)
@@ -144,7 +191,10 @@ def check_tensors(cfg: Qwen2MoeConfig, tensors: dict[str, TensorRef]) -> dict[st
 
 def read_block(cfg: Qwen2MoeConfig, p: Param, tensors: dict[str, TensorRef], index=None, dtype=None) -> np.ndarray:
     """The block ``index`` (a tuple of slices over our shape) of parameter ``p``, read from the HF tensors
-    (only the bytes of that block) and cast to ``dtype``."""
+    (only the bytes of that block) and cast to ``dtype``; a quantized row's values or scales are quantized
+    from the float block over the whole contracting axis (``dtype`` is then the row's own)."""
+    if p.quant_axis is not None:
+        return _read_quantized(cfg, p, tensors, index)
     shape = param_shape(cfg, p)
     index = tuple(index) if index is not None else ()
     index = index + (slice(None),) * (len(shape) - len(index))
@@ -161,6 +211,22 @@ def read_block(cfg: Qwen2MoeConfig, p: Param, tensors: dict[str, TensorRef], ind
     flat = [one(name) for name in names.flat]
     return np.stack(flat).reshape(names.shape + flat[0].shape) if flat else np.zeros(
         names.shape + tuple(len(range(*s.indices(d))) for s, d in zip(inner, shape[n:])), dtype)
+
+
+def _read_quantized(cfg, p, tensors, index):
+    from .quant import quantize
+
+    shape = param_shape(cfg, p)
+    index = tuple(index) if index is not None else ()
+    index = index + (slice(None),) * (len(shape) - len(index))
+    a = p.quant_axis
+    whole = index[:a] + (slice(None),) + index[a + 1:]  # the contracting axis whole: every block of it
+    float_row = dataclasses.replace(p, path=p.path[:-1] + (p.path[-1].removesuffix("_scale"),), quant_axis=None,
+                                    is_scale=False)
+    values, scale = quantize(read_block(cfg.replace(quantization=None), float_row, tensors, whole, np.float32),
+                             cfg.quantization, a)
+    picked = scale if p.is_scale else values
+    return np.asarray(picked[(slice(None),) * a + (index[a],)])
 
 
 def iter_params(cfg: Qwen2MoeConfig) -> Iterator[tuple[Param, tuple[int, ...]]]:
@@ -193,5 +259,32 @@ def load_hf(directory: str, cfg: Qwen2MoeConfig, dtype, shardings=None) -> dict:
     tensors = check_tensors(cfg, read_tensors(directory))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return nest((p.path, jax.make_array_from_callback(
-        shape, (shardings or {}).get(p.path) or default, lambda idx, p=p: read_block(cfg, p, tensors, idx, dtype)))
+        shape, (shardings or {}).get(p.path) or default,
+        lambda idx, p=p: read_block(cfg, p, tensors, idx, param_dtype(p, dtype, cfg))))
         for p, shape in iter_params(cfg))
+
+
+def quantize_tree(cfg: Qwen2MoeConfig, tree: dict, shardings=None) -> dict:
+    """A float model's parameter tree (nested dict of ``jax.Array``, ``cfg`` without quantization's paths)
+    quantized as ``cfg.quantization`` says, each weight on its devices (``shardings[path]`` for the values and
+    scales; default: where the float weight is), one weight at a time."""
+    out = []
+    for p in param_table(cfg):
+        if p.is_scale:
+            continue
+        if p.quant_axis is None:
+            out.append((p.path, lookup(tree, p.path)))
+            continue
+        w = lookup(tree, p.path)
+        sv = (shardings or {}).get(p.path) or w.sharding
+        ss = (shardings or {}).get(scale_path(p.path)) or w.sharding
+        values, scale = _quantize_jit(cfg.quantization, p.quant_axis, sv, ss)(w)
+        out += [(p.path, values), (scale_path(p.path), scale)]
+    return nest(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_jit(q, axis, values_sharding, scale_sharding):
+    from .quant import quantize
+
+    return jax.jit(lambda w: quantize(w, q, axis), out_shardings=(values_sharding, scale_sharding))

@@ -13,9 +13,12 @@ its seed and its logits, never on the rest of the batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+
+from .errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +38,28 @@ class Sampler:
 
 
 def check_sampling_args(*, temperature, top_k, top_p, repetition_penalty) -> None:
-    """ValueError with a one-line message for values transformers would also refuse."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 means off), got {repetition_penalty}")
+    """InputError with a one-line message for values transformers would also refuse, and for values that are
+    not finite numbers (an infinite temperature or penalty turns every score into nan)."""
+    t, k, p, r = (_finite(v) for v in (temperature, top_k, top_p, repetition_penalty))
+    if t is None or t < 0:
+        raise InputError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature!r}")
+    if k is None or not k.is_integer() or k < 0:
+        raise InputError(f"top_k must be an integer >= 0 (0 means off), got {top_k!r}")
+    if p is None or not 0 < p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if r is None or r <= 0:
+        raise InputError(f"repetition_penalty must be > 0 and finite (1 means off), got {repetition_penalty!r}")
+
+
+def _finite(value) -> float | None:
+    """``value`` as a finite float, or None for anything else (a string, a bool, inf, nan)."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 # ---- the processors (logits [B, V] float32; per-row values [B]) --------------------------------------------

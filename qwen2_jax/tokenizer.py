@@ -24,6 +24,8 @@ from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, processor
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
+from .errors import Qwen2JaxError
+
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
@@ -43,7 +45,7 @@ CHATML_TEMPLATE = (
 _TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Qwen2JaxError):
     """A tokenizer file that is missing or unreadable. The message names the file."""
 
 

@@ -33,6 +33,8 @@ from flax import nnx
 
 from . import moe
 from .config import Qwen2MoeConfig
+from .errors import InputError
+from .hf_files import CheckpointError
 from .model import is_norm_scale
 
 IGNORE_INDEX = -100  # transformers' ignore_index for labels
@@ -65,7 +67,7 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
     rows = router_logits.shape[1]
     mask = jnp.ones((rows,), jnp.float32) if attention_mask is None else attention_mask.reshape(-1).astype(jnp.float32)
     if mask.shape[0] != rows:
-        raise ValueError(f"attention_mask has {mask.shape[0]} tokens but router_logits have {rows} rows")
+        raise InputError(f"attention_mask has {mask.shape[0]} tokens but router_logits have {rows} rows")
     # Counts by scatter-add: a one-hot [L, N, K, E] would be ~2 GB for 28 layers x 32k tokens x 8 x 64. The
     # summands are 0/1, so the float32 sums are exact in any order.
     counts = jax.ops.segment_sum(jnp.broadcast_to(mask[None, :, None], selected.shape).reshape(-1),
@@ -124,25 +126,25 @@ def loss_fn(graphdef, params, input_ids, labels, attention_mask=None, *, moe_imp
 def _check_batch(input_ids, labels, attention_mask, vocab_size=None):
     shape = tuple(np.shape(input_ids))
     if len(shape) != 2:
-        raise ValueError(f"input_ids must be [batch, seq]; got shape {shape}")
+        raise InputError(f"input_ids must be [batch, seq]; got shape {shape}")
     if 0 in shape:
-        raise ValueError(f"empty batch: input_ids has shape {shape}; need at least one sequence of one token")
+        raise InputError(f"empty batch: input_ids has shape {shape}; need at least one sequence of one token")
     if tuple(np.shape(labels)) != shape:
-        raise ValueError(f"labels has shape {tuple(np.shape(labels))}; expected input_ids' shape {shape}")
+        raise InputError(f"labels has shape {tuple(np.shape(labels))}; expected input_ids' shape {shape}")
     if attention_mask is not None and tuple(np.shape(attention_mask)) != shape:
-        raise ValueError(f"attention_mask has shape {tuple(np.shape(attention_mask))}; "
+        raise InputError(f"attention_mask has shape {tuple(np.shape(attention_mask))}; "
                          f"expected input_ids' shape {shape}")
     for name, a in (("input_ids", input_ids), ("labels", labels)):
         if not jnp.issubdtype(jnp.result_type(a), jnp.integer):
-            raise ValueError(f"{name} must hold integer token ids; got dtype {jnp.result_type(a)}")
+            raise InputError(f"{name} must hold integer token ids; got dtype {jnp.result_type(a)}")
     if vocab_size is not None:  # host arrays only: checking device arrays would wait for them
         if isinstance(input_ids, np.ndarray) and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-            raise ValueError(f"input_ids hold ids outside [0, vocab_size={vocab_size}): min {input_ids.min()}, "
+            raise InputError(f"input_ids hold ids outside [0, vocab_size={vocab_size}): min {input_ids.min()}, "
                              f"max {input_ids.max()}")
         bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))] if isinstance(
             labels, np.ndarray) else ()
         if len(bad):
-            raise ValueError(f"labels hold {bad[0]}, neither {IGNORE_INDEX} (ignored) nor an id in "
+            raise InputError(f"labels hold {bad[0]}, neither {IGNORE_INDEX} (ignored) nor an id in "
                              f"[0, vocab_size={vocab_size})")
     return input_ids, labels, attention_mask
 
@@ -177,26 +179,23 @@ class TrainConfig:
     moe_impl: str | Callable = "auto"  # the routed-expert dispatch (a name from qwen2_jax.moe or a callable)
 
     def __post_init__(self):
-        try:
-            rate = float(self.learning_rate)
-        except (TypeError, ValueError):
-            rate = math.nan
+        rate, end, decay = (_number_or_nan(v) for v in (self.learning_rate, self.end_learning_rate, self.weight_decay))
         if not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"learning_rate must be a positive number; got {self.learning_rate!r}")
-        if not 0 <= self.end_learning_rate <= self.learning_rate:
-            raise ValueError(f"end_learning_rate must be in [0, learning_rate={self.learning_rate}]; "
+            raise InputError(f"learning_rate must be a positive number; got {self.learning_rate!r}")
+        if not 0 <= end <= rate:
+            raise InputError(f"end_learning_rate must be in [0, learning_rate={self.learning_rate}]; "
                              f"got {self.end_learning_rate!r}")
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer; got {self.total_steps!r}")
+            raise InputError(f"total_steps must be a positive integer; got {self.total_steps!r}")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be an integer in [0, total_steps={self.total_steps}]; "
+            raise InputError(f"warmup_steps must be an integer in [0, total_steps={self.total_steps}]; "
                              f"got {self.warmup_steps!r}")
         if self.decay not in ("cosine", "linear", "constant"):
-            raise ValueError(f"decay must be 'cosine', 'linear' or 'constant'; got {self.decay!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None; got {self.max_grad_norm!r}")
+            raise InputError(f"decay must be 'cosine', 'linear' or 'constant'; got {self.decay!r}")
+        if not (math.isfinite(decay) and decay >= 0):
+            raise InputError(f"weight_decay must be a finite number >= 0; got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not _number_or_nan(self.max_grad_norm) > 0:
+            raise InputError(f"max_grad_norm must be positive or None; got {self.max_grad_norm!r}")
 
     def schedule(self) -> optax.Schedule:
         peak, end, warm = self.learning_rate, self.end_learning_rate, self.warmup_steps
@@ -207,6 +206,16 @@ class TrainConfig:
         if warm == 0:
             return after
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def _number_or_nan(value) -> float:
+    """A TrainConfig value as a float for its checks (nan, which every check refuses, for a non-number)."""
+    if isinstance(value, (str, bytes, bool)):  # float("1e-3") would pass, and optax fail on the string later
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _decays(params):
@@ -398,7 +407,7 @@ def restore_train_state(directory, like: TrainState) -> TrainState:
             restored = checkpointer.restore(directory, target)
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{directory}: not a train state of this model and TrainConfig ({first})") from None
+            raise CheckpointError(f"{directory}: not a train state of this model and TrainConfig ({first})") from None
     return _from_saveable(restored, like)
 
 

@@ -8,6 +8,7 @@ GB/s, CPU seconds and the subprocess's peak RSS (``ru_maxrss``). Checks the issu
 The synthetic files are deleted afterwards (peak disk use: about twice the larger checkpoint).
 
     .venv/bin/python scripts/bench_convert.py [--layers 1 11] [--dtype float32] [--workdir /tmp] [--compression]
+    .venv/bin/python scripts/bench_convert.py --tiny  # a few-MB config: that the script runs (CI), no bounds
 """
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ def measure(args: list[str]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--layers", type=int, nargs=2, default=(1, 11), metavar=("SMALL", "LARGE"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--shard-gb", type=float, default=2.0, help="safetensors file size, as HF shards them")
     parser.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: $TMPDIR)")
     parser.add_argument("--compression", action="store_true", help="write the Orbax arrays zstd-compressed")
+    parser.add_argument("--tiny", action="store_true",
+                        help="qwen2-jax bench's few-MB config at 1 and 4 layers; the bounds, which are about "
+                             "gigabytes, are reported but do not set the exit status")
     parser.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -78,7 +82,12 @@ def main() -> int:
     from qwen2_jax.config import Qwen2MoeConfig
     from qwen2_jax.convert import write_hf_checkpoint
 
-    base_cfg = Qwen2MoeConfig.from_json(args.config)
+    if args.tiny:
+        from qwen2_jax.bench import bench_config
+
+        base_cfg, args.config, args.layers = bench_config("tiny"), "tiny", (1, 4)
+    else:
+        base_cfg = Qwen2MoeConfig.from_json(args.config)
     work = tempfile.mkdtemp(prefix="bench_convert-", dir=args.workdir)
     load = os.getloadavg()  # other work on the machine slows the I/O-bound conversion; say how much
     rows = []
@@ -118,7 +127,9 @@ def main() -> int:
     }
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    return 0 if all(checks.values()) else 1
+    if args.tiny:
+        print("tiny mode: the bounds are about multi-GB checkpoints; not enforced")
+    return 0 if all(checks.values()) or args.tiny else 1
 
 
 if __name__ == "__main__":

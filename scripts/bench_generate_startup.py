@@ -1,6 +1,7 @@
 """Start-up of ``qwen2-jax generate``: a first run with an empty compilation cache, then a second one.
 
     python scripts/bench_generate_startup.py CKPT [--runs 2] [-- extra generate flags]
+    python scripts/bench_generate_startup.py --tiny  # the demo's small random checkpoint, 4 tokens (CI)
 
 Each run is a fresh process with ``QWEN2_JAX_CACHE_DIR`` pointing at a new, initially empty, directory (the
 persistent compilation cache that ``qwen2-jax`` turns on). Reported per run: seconds from the process start to
@@ -21,17 +22,30 @@ import time
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint")
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint directory (not with --tiny)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="build the demo's small random-weight checkpoint with the real tokenizer "
+                             "(qwen2_jax.demo.build) in a temporary directory and generate 4 tokens from it")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--prompt", default="Give me a short introduction to large language models.")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # more flags for qwen2-jax generate
     args = parser.parse_args(argv[:len(argv) - len(extra)] if extra else [a for a in argv if a != "--"])
-    cache = tempfile.mkdtemp(prefix="qwen2-jax-cache-")
-    command = [sys.executable, "-m", "qwen2_jax.cli", "generate", args.checkpoint, "--prompt", args.prompt, *extra]
-    print("$ QWEN2_JAX_CACHE_DIR=<new empty dir> python " + " ".join(command[1:]))
+    if (args.checkpoint is None) == (not args.tiny):
+        parser.error("give a checkpoint directory or --tiny (not both)")
+    work = tempfile.mkdtemp(prefix="bench-generate-startup-")
+    cache = os.path.join(work, "jax-cache")
+    os.mkdir(cache)
     try:
+        checkpoint = args.checkpoint
+        if args.tiny:
+            from qwen2_jax.demo import build
+
+            checkpoint = build(os.path.join(work, "tiny-checkpoint"))
+            extra = ["--max-new-tokens", "4", *extra]
+        command = [sys.executable, "-m", "qwen2_jax.cli", "generate", checkpoint, "--prompt", args.prompt, *extra]
+        print("$ QWEN2_JAX_CACHE_DIR=<new empty dir> python " + " ".join(command[1:]))
         for run in range(1, args.runs + 1):
             start = time.perf_counter()
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
@@ -46,7 +60,7 @@ def main():
             print(f"run {run}: first text {first:.1f} s after start, wall {wall:.1f} s; " + "; ".join(figures),
                   flush=True)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

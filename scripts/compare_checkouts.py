@@ -7,8 +7,9 @@ dispatch can be compared with the code before it on the same machine, in the sam
 
 Each measurement is a fresh process that imports ``qwen2_jax`` from one checkout, builds the same random model
 (``init_random``, seed 0, float32), and times ``generate`` of ``--new-tokens`` minus ``generate`` of one token
-from ``--prompt-len``-token prompts (so the first token is excluded), after a warm-up; the checkouts take
-turns, ``--rounds`` times, and the table shows each one's median step in ms.
+from ``--prompt-len``-token prompts (so the first token is excluded), after a warm-up, and the time to first
+token of one ``--prefill-len``-token prompt; the checkouts take turns, ``--rounds`` times, and the table shows
+each one's medians in ms.
 """
 
 import argparse
@@ -44,6 +45,11 @@ for batch in args["batches"]:
     t0 = time.perf_counter(); run(1); one = time.perf_counter() - t0
     t0 = time.perf_counter(); run(args["new_tokens"]); full = time.perf_counter() - t0
     out[str(batch)] = 1e3 * (full - one) / (args["new_tokens"] - 1)
+if args["prefill_len"]:  # time to first token: a prompt's prefill and its first token
+    prompt = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, args["prefill_len"])).tolist()
+    qwen2_jax.generate(model, prompt, max_new_tokens=1, eos_token_ids=())
+    t0 = time.perf_counter(); qwen2_jax.generate(model, prompt, max_new_tokens=1, eos_token_ids=())
+    out["ttft"] = 1e3 * (time.perf_counter() - t0)
 print(json.dumps(out))
 """
 
@@ -51,7 +57,7 @@ print(json.dumps(out))
 def measure(checkout: str, args) -> dict:
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     settings = json.dumps(dict(config=args.config, batches=args.batches, prompt_len=args.prompt_len,
-                               new_tokens=args.new_tokens))
+                               new_tokens=args.new_tokens, prefill_len=args.prefill_len))
     proc = subprocess.run([sys.executable, "-c", CHILD, os.path.abspath(checkout), settings], capture_output=True,
                           text=True, env=env, cwd=os.path.abspath(checkout))
     if proc.returncode:
@@ -60,7 +66,7 @@ def measure(checkout: str, args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("before")
     ap.add_argument("after")
     ap.add_argument("--config", default="qwen2-57b-a14b-quarter", help="an embedded config, 'tiny', or a config.json")
@@ -68,14 +74,15 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill-len", type=int, default=512, help="prompt of the time to first token (0: none)")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     runs = {"before": [], "after": []}
     for r in range(args.rounds):
         for side in ("before", "after"):
             runs[side].append(measure(getattr(args, side), args))
-            print(f"round {r + 1}: {side}: " + ", ".join(f"batch {b} {runs[side][-1][str(b)]:.1f} ms"
-                                                          for b in args.batches), file=sys.stderr, flush=True)
+            print(f"round {r + 1}: {side}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in runs[side][-1].items()
+                                                          if k != "module"), file=sys.stderr, flush=True)
     print(f"{args.config}, float32, decode step (ms, median of {args.rounds} alternating rounds), "
           f"{args.prompt_len}-token prompts")
     print("| batch | before | after | after / before |\n|---:|---:|---:|---:|")
@@ -83,6 +90,10 @@ def main():
         before = statistics.median(r[str(b)] for r in runs["before"])
         after = statistics.median(r[str(b)] for r in runs["after"])
         print(f"| {b} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
+    if args.prefill_len:
+        before, after = (statistics.median(r["ttft"] for r in runs[side]) for side in ("before", "after"))
+        print(f"time to first token, {args.prefill_len}-token prompt (ms): before {before:.0f}, after {after:.0f}, "
+              f"after / before {after / before:.2f}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def compile_seconds(cfg, batch: int, seq: int, dtype, decode: bool) -> tuple[flo
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--config", default="qwen2-57b-a14b-quarter", help="an embedded config, 'tiny', or a config.json")
     ap.add_argument("--layers", default="7,28")
     ap.add_argument("--batch", type=int, default=1)

@@ -7,6 +7,7 @@ accuracy (greedy, teacher-forced) on held-out examples at the end.
 
     .venv/bin/python scripts/finetune_demo.py                  # float32 on the CPU, 300 steps
     .venv/bin/python scripts/finetune_demo.py --mesh expert=2  # on a mesh (devices permitting)
+    .venv/bin/python scripts/finetune_demo.py --tiny           # 3 small steps: that every part runs (CI)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from qwen2_jax import training
 from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.errors import Qwen2JaxError
 from qwen2_jax.model import init_random
 
 SEP, FIRST = 1, 2  # token 0 is unused (padding), 1 separates prompt and copy, data tokens from 2
@@ -74,7 +76,11 @@ def main(argv=None) -> int:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, metavar="DIR", help="save the final train state (Orbax) there")
+    parser.add_argument("--tiny", action="store_true",
+                        help="3 steps of 4 sequences: every part runs, the loss is not expected to halve")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.steps, args.batch, args.length, args.warmup, args.log_every = 3, 4, 4, 1, 1
     if args.save and os.path.exists(args.save):
         parser.error(f"--save {args.save}: already exists")
 
@@ -88,7 +94,7 @@ def main(argv=None) -> int:
 
             mesh = make_mesh(args.mesh)
             print(describe_mesh(mesh))
-    except ValueError as e:
+    except Qwen2JaxError as e:
         parser.error(str(e))
     model = init_random(cfg, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, seed=args.seed)
     graphdef, state = training.init_train_state(model, tc, mesh)
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
           f"peak RSS {peak_rss_mib():,.0f} MiB")
     if args.save:
         print(f"saved train state to {training.save_train_state(args.save, state)}")
-    if not last < 0.5 * first_loss:
+    if not args.tiny and not last < 0.5 * first_loss:
         print("error: the loss did not fall by half", file=sys.stderr)
         return 1
     return 0

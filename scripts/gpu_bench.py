@@ -35,7 +35,7 @@ TARGETS = {1: 120.0, 64: 1900.0}  # decode tokens/s at these batch sizes (full c
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (the test of this script)")
     ap.add_argument("--phase", choices=("all", "jax", "hf"), default="all")
     ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,16,64; tiny 1)")
@@ -174,7 +174,7 @@ def phase_hf(args):
     try:
         import torch
         import transformers
-        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+        from transformers import AutoModelForCausalLM, Qwen2MoeConfig
     except ImportError as e:
         out["error"] = f"torch/transformers not installed ({e})"
         with open(args.out, "w") as f:
@@ -186,7 +186,7 @@ def phase_hf(args):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(device):
-        model = Qwen2MoeForCausalLM._from_config(hf_cfg, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     out.update(init_seconds=time.perf_counter() - t0, torch=torch.__version__, transformers=transformers.__version__,

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from qwen2_jax import moe
+from qwen2_jax import moe, quant
+from qwen2_jax.errors import InputError
+from qwen2_jax.quant import QArray
 
 
 def shard_map(f, mesh: Mesh, in_specs, out_specs):
@@ -29,9 +31,27 @@ def shard_map(f, mesh: Mesh, in_specs, out_specs):
 
 
 def _linear_swiglu(x, gate, up, down):
-    """The shared expert (``model.MLP``) on the ``[out, in]`` weights of its Linear layers."""
-    h = jax.nn.silu(jnp.einsum("th,sh->ts", x, gate)) * jnp.einsum("th,sh->ts", x, up)
-    return jnp.einsum("ts,hs->th", h, down)
+    """The shared expert (``model.MLP``) on the ``[out, in]`` weights of its Linear layers (arrays, or
+    ``QArray``s dequantized in the product)."""
+    mm = lambda spec, a, w: quant.einsum(spec, a, w, x.dtype)
+    h = jax.nn.silu(mm("th,sh->ts", x, gate)) * mm("th,sh->ts", x, up)
+    return mm("ts,hs->th", h, down)
+
+
+def _weight_spec(mesh: Mesh, w, spec: P):
+    """shard_map's spec for a weight: a ``QArray``'s scales split like its values, their blocks axis too where
+    the blocks divide (rules.param_shardings places them so); one scale per channel stays whole."""
+    if not isinstance(w, QArray):
+        return spec
+    parts = list(spec) + [None] * (w.ndim - len(spec))
+    scale_parts = list(parts)
+    axis = parts[w.axis]
+    if axis is not None and w.scale.shape[w.axis] % mesh.shape[axis]:
+        if w.scale.shape[w.axis] != 1:
+            raise InputError(f"quantization blocks: {w.scale.shape[w.axis]} blocks along a weight's inputs do not "
+                             f"divide by the mesh's {axis} axis ({mesh.shape[axis]}); choose a block size that does")
+        scale_parts[w.axis] = None
+    return QArray(P(*parts), P(*scale_parts), w.axis)
 
 
 def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = None):
@@ -46,7 +66,7 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
     def run(x, weights, experts, gate_proj, up_proj, down_proj, shared=None):
         num_experts, _, inner = gate_proj.shape
         if num_experts % n_expert:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's expert axis ({n_expert})")
+            raise InputError(f"num_experts={num_experts} is not divisible by the mesh's expert axis ({n_expert})")
         # The same layouts as rules.logical_spec gives the weights, so that shard_map moves nothing.
         tokens = "data" if n_data > 1 and x.shape[0] % n_data == 0 else None
         split = lambda n: "tensor" if n_tensor > 1 and n % n_tensor == 0 else None
@@ -56,7 +76,8 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
 
         def local(x, weights, experts, gate_proj, up_proj, down_proj, *shared):
             n_local = gate_proj.shape[0]
-            here = moe.choose(x.shape[0], experts.shape[1], n_local, platform) if impl == "auto" else impl
+            here = (moe.choose(x.shape[0], experts.shape[1], n_local, platform,
+                               quantized=isinstance(gate_proj, QArray)) if impl == "auto" else impl)
             ids = experts - jax.lax.axis_index("expert") * n_local
             mine = (ids >= 0) & (ids < n_local)
             # Pairs routed to other shards get weight 0 and the id one past the last local expert, which the
@@ -77,10 +98,13 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
             return jax.lax.psum(out, reduce_over)
 
         t = P(tokens)
-        specs = [t, t, t, P("expert", None, mlp), P("expert", None, mlp), P("expert", mlp, None)]
+        ws = lambda w, spec: _weight_spec(mesh, w, spec)
+        specs = [t, t, t, ws(gate_proj, P("expert", None, mlp)), ws(up_proj, P("expert", None, mlp)),
+                 ws(down_proj, P("expert", mlp, None))]
         args = [x, weights, experts, gate_proj, up_proj, down_proj]
         if shared is not None:
-            specs += [t, P(shared_mlp, None), P(shared_mlp, None), P(None, shared_mlp)]
+            specs += [t, ws(shared[1], P(shared_mlp, None)), ws(shared[2], P(shared_mlp, None)),
+                      ws(shared[3], P(None, shared_mlp))]
             args += list(shared)
         return shard_map(local, mesh, in_specs=tuple(specs), out_specs=t)(*args)
 

@@ -11,25 +11,28 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.errors import InputError
 
 AXES = ("data", "expert", "tensor")
 SPEC_EXAMPLE = "data=1,expert=4,tensor=2"
 
 
 def parse_spec(spec: str) -> dict[str, int]:
-    """``"expert=4,tensor=2"`` -> {"data": 1, "expert": 4, "tensor": 2}; a one-line ValueError otherwise."""
+    """``"expert=4,tensor=2"`` -> {"data": 1, "expert": 4, "tensor": 2}; a one-line InputError otherwise."""
+    if not isinstance(spec, str):
+        raise InputError(f"mesh spec must be a string such as {SPEC_EXAMPLE!r}, got {type(spec).__name__}")
     sizes = dict.fromkeys(AXES, 1)
     seen = set()
     for part in spec.replace(" ", "").split(","):
         name, eq, value = part.partition("=")
         if not eq or not name or not value.isdigit():
-            raise ValueError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE (expected e.g. {SPEC_EXAMPLE!r})")
+            raise InputError(f"mesh spec {spec!r}: {part!r} is not AXIS=SIZE (expected e.g. {SPEC_EXAMPLE!r})")
         if name not in AXES:
-            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r} (expected one of {', '.join(AXES)})")
+            raise InputError(f"mesh spec {spec!r}: unknown axis {name!r} (expected one of {', '.join(AXES)})")
         if name in seen:
-            raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+            raise InputError(f"mesh spec {spec!r}: axis {name!r} given twice")
         if int(value) < 1:
-            raise ValueError(f"mesh spec {spec!r}: axis {name!r} has size {value}, expected at least 1")
+            raise InputError(f"mesh spec {spec!r}: axis {name!r} has size {value}, expected at least 1")
         seen.add(name)
         sizes[name] = int(value)
     return sizes
@@ -64,13 +67,13 @@ def make_mesh(spec: str | None = None, devices=None, *, cfg: Qwen2MoeConfig | No
     real Qwen2-57B-A14B shapes); ``describe_mesh`` says what was chosen.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if spec is None or spec.strip() in ("", "auto"):
+    if spec is None or isinstance(spec, str) and spec.strip() in ("", "auto"):
         sizes = default_sizes(len(devices), cfg)
     else:
         sizes = parse_spec(spec)
         product = math.prod(sizes.values())
         if product != len(devices):
-            raise ValueError(f"mesh spec {spec!r}: axis sizes multiply to {product} but there are {len(devices)} "
+            raise InputError(f"mesh spec {spec!r}: axis sizes multiply to {product} but there are {len(devices)} "
                              f"devices (the product of data x expert x tensor must equal the device count)")
     shape = tuple(sizes[a] for a in AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)  # sharding propagated by the compiler (pjit semantics)

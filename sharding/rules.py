@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen2_jax.cache import KVCache
 from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.errors import InputError
 from qwen2_jax.params import lookup, nest, param_shape, param_table
 
 # logical axis -> mesh axis (None: replicated).
@@ -40,7 +41,7 @@ def _units(cfg: Qwen2MoeConfig, logical: str | None, size: int) -> int:
 def check_experts(cfg: Qwen2MoeConfig, mesh: Mesh) -> None:
     n = mesh.shape["expert"]
     if cfg.num_sparse_layers and cfg.num_experts % n:
-        raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis ({n}); "
+        raise InputError(f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis ({n}); "
                          f"use an expert axis size that divides {cfg.num_experts}")
 
 
@@ -58,8 +59,19 @@ def logical_spec(cfg: Qwen2MoeConfig, mesh: Mesh, axes, shape) -> P:
 def param_shardings(cfg: Qwen2MoeConfig, mesh: Mesh) -> dict[tuple[str, ...], NamedSharding]:
     """``{Param.path: NamedSharding}`` for every parameter of ``cfg``'s model."""
     check_experts(cfg, mesh)
-    return {p.path: NamedSharding(mesh, logical_spec(cfg, mesh, p.axes, param_shape(cfg, p)))
-            for p in param_table(cfg)}
+    return {p.path: NamedSharding(mesh, _param_spec(cfg, mesh, p)) for p in param_table(cfg)}
+
+
+def _param_spec(cfg: Qwen2MoeConfig, mesh: Mesh, p) -> P:
+    shape = param_shape(cfg, p)
+    spec = logical_spec(cfg, mesh, p.axes, shape)
+    if p.is_scale:  # a quantized weight's scales split as it does; their blocks axis only where the blocks divide
+        parts = list(spec) + [None] * (len(shape) - len(spec))
+        axis = parts[p.quant_axis]
+        if axis is not None and shape[p.quant_axis] % mesh.shape[axis]:
+            parts[p.quant_axis] = None
+        spec = P(*parts)
+    return spec
 
 
 def cache_shardings(cfg: Qwen2MoeConfig, mesh: Mesh, batch: int | None = None) -> KVCache:
@@ -83,10 +95,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(mesh: Mesh, batch: int) -> None:
-    """A one-line ValueError unless ``batch`` divides by the mesh's data axis."""
+    """A one-line InputError unless ``batch`` divides by the mesh's data axis."""
     n = mesh.shape["data"]
     if batch % n:
-        raise ValueError(f"batch size {batch} is not divisible by the mesh's data axis ({n}); use a batch that is "
+        raise InputError(f"batch size {batch} is not divisible by the mesh's data axis ({n}); use a batch that is "
                          f"a multiple of {n} (pad with extra prompts) or a mesh with a smaller data axis")
 
 

@@ -41,6 +41,20 @@ def test_each_target_compiles_the_decode_step_and_reports_what_it_moves(target, 
         assert r["collectives"] == [] and r["mesh"] == "single"
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_an_int8_h200_decode_step_reads_its_one_byte_weights_in_place(tiny_config, batch):
+    """The quantized products read int8 through the matmul and scale the output (quant.einsum): no weight is
+    written back as a float copy, and the step reads about half the bf16 step's bytes."""
+    q = aot.compile_step(aot.Request(target="h200", batch=batch, cache_len=64, config=tiny_config, quantize="int8"))
+    f = aot.compile_step(aot.Request(target="h200", batch=batch, cache_len=64, config=tiny_config))
+    assert q["fits"] and q["quantize"] == "int8"
+    # what remains are the per-pair gathers of the experts' scales (1/hidden of their values, 4 bytes each;
+    # 0.01 of 58.8 GB at the full config)
+    assert q["weight_copy_bytes"] < 0.05 * q["weight_bytes"], q
+    assert q["weight_bytes"] < 0.65 * f["weight_bytes"]  # embeddings, lm_head stay bf16: 0.61 here, 0.51 at 57B
+    assert q["roofline_bytes"] <= q["bytes_per_step"] <= 2.5 * q["roofline_bytes"], q  # as the bf16 test
+
+
 def test_prefill_compiles_for_a_prompt_and_refuses_one_longer_than_the_cache(tiny_config):
     r = aot.compile_step(aot.Request(target="h200", batch=1, prompt_len=32, cache_len=64, config=tiny_config))
     assert r["step"] == "prefill" and r["prompt_len"] == 32 and r["unknown_trip_loops"] == 0

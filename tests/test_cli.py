@@ -96,7 +96,8 @@ def test_sampling_defaults_come_from_the_generation_config_and_flags_override_th
                             repetition_penalty=1.05)
     settings = cli_generate.sampling_settings(flags(), qwen)
     assert settings == dict(max_new_tokens=cli_generate.DEFAULT_MAX_NEW_TOKENS, temperature=0.7, top_k=20, top_p=0.8,
-                            repetition_penalty=1.05, seed=0, truncate=False, eos_token_ids=(151645, 151643))
+                            repetition_penalty=1.05, seed=0, truncate=False, prefill_chunk=2048,
+                            eos_token_ids=(151645, 151643))
     settings = cli_generate.sampling_settings(
         flags("--temperature", "0", "--top-p", "0.5", "--eos-token-id", "7", "--eos-token-id", "8",
               "--max-new-tokens", "9", "--seed", "4"), qwen)

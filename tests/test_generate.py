@@ -13,6 +13,7 @@ import torch
 from hf_reference import make_hf_model, save_hf
 
 import qwen2_jax
+from qwen2_jax.errors import InputError
 from qwen2_jax.generate import GenerationConfig, generate, generate_stream
 
 gen = importlib.import_module("qwen2_jax.generate")  # the module (qwen2_jax.generate is the function)
@@ -176,6 +177,26 @@ def test_the_decode_loop_updates_the_cache_in_place(models):
     assert int(after.step) == 8 and int(after.cache.index) == 16 + 7
 
 
+def test_prompts_longer_than_a_chunk_give_the_tokens_of_one_pass_from_one_compiled_chunk_step(models):
+    _, model = models["sparse"]
+    prompts = prompts_of([70, 33, 5], seed=11)
+    whole = generate(model, prompts, max_new_tokens=12, eos_token_ids=())
+    seen = dict(gen.TRACES)
+    assert generate(model, prompts, max_new_tokens=12, eos_token_ids=(), prefill_chunk=64) == whole  # 16 a row
+    assert gen.TRACES["prefill_chunk"] == seen.get("prefill_chunk", 0) + 1
+    longer = prompts_of([100, 9, 50], seed=12)  # more chunks, the same batch and cache buckets: the same step
+    assert (generate(model, longer, max_new_tokens=12, eos_token_ids=(), prefill_chunk=64)
+            == generate(model, longer, max_new_tokens=12, eos_token_ids=()))
+    assert gen.TRACES["prefill_chunk"] == seen.get("prefill_chunk", 0) + 1
+
+
+def test_chunked_prefill_counts_prompt_tokens_for_the_repetition_penalty(models):
+    _, model = models["sparse"]
+    prompts = prompts_of([90, 40], seed=13)
+    kw = dict(max_new_tokens=10, eos_token_ids=(), repetition_penalty=1.5)
+    assert generate(model, prompts, prefill_chunk=32, **kw) == generate(model, prompts, **kw)
+
+
 def test_end_tokens_default_to_the_generation_config_then_config_json(models):
     _, model = models["sparse"]
     assert gen.default_eos_token_ids(model) == model.config.eos_token_id == (71,)  # from config.json
@@ -225,10 +246,17 @@ def test_a_prompt_too_long_for_the_context_is_refused_unless_truncation_is_asked
     ([[1]], dict(top_p=1.01), r"top_p must be in \(0, 1\]"),
     ([[1]], dict(top_k=-3), "top_k must be an integer >= 0"),
     ([[1], [2]], dict(seed=[1]), "seed must be an int or a list of 2 ints"),
+    ([[1]], dict(seed=1.5), "seed must be an int or a list of 1 ints"),
+    (None, {}, r"prompts must be a list of prompts \(each a list of token ids\), got NoneType"),
+    (5, {}, "got int"),
+    ([[1]], dict(eos_token_ids=[2**40]), r"eos_token_ids must be token ids in \[0, 128\)"),
+    ([[1]], dict(eos_token_ids=["x"]), r"eos_token_ids must be token ids in \[0, 128\) \(vocab_size\), got \['x'\]"),
+    ([[1]], dict(eos_token_ids=128), r"eos_token_ids must be token ids in \[0, 128\)"),
+    ([[1]], dict(prefill_chunk=0), "prefill_chunk must be an integer >= 1, got 0"),
 ])
-def test_bad_input_is_a_one_line_value_error(models, prompts, kwargs, message):
+def test_bad_input_is_a_one_line_input_error(models, prompts, kwargs, message):
     _, model = models["sparse"]
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(InputError, match=message) as e:
         generate(model, prompts, **({"max_new_tokens": 4} | kwargs))
     assert "\n" not in str(e.value)
 

@@ -116,3 +116,23 @@ def test_a_matmul_compiled_for_an_h200_reads_its_operands_and_writes_its_result_
     report = hlo_cost.analyze(text, weight_params={0})
     assert report.bytes == 512 * 256 * 2 + 4 * 256 * 2 + 4 * 512 * 2 and report.weight_copy_bytes == 0
     assert report.flops == 2 * 4 * 512 * 256
+
+
+def attend_blocks(x, n):  # a loop whose trip count is data: the caller knows its bound by the function
+    import jax
+    import jax.numpy as jnp
+
+    return jax.lax.fori_loop(0, n, lambda i, acc: acc + jnp.sin(acc), x)
+
+
+def test_a_data_dependent_loop_is_bounded_by_the_python_function_that_made_it():
+    import jax
+    import jax.numpy as jnp
+
+    text = jax.jit(attend_blocks).lower(jnp.zeros(1024), jnp.int32(3)).compile().as_text()
+    seen = []
+    bound = lambda functions: seen.append(functions) or (7 if "attend_blocks" in functions else 1)
+    once, bounded = hlo_cost.analyze(text), hlo_cost.analyze(text, loop_bound=bound)
+    assert seen and "attend_blocks" in seen[0] and bounded.unknown_trip_loops == 1
+    # the body's kernels run 7 times instead of once; the condition's 8 instead of 2
+    assert {k.runs for k in bounded.kernels} - {1.0} == {7.0, 8.0} and {k.runs for k in once.kernels} == {1.0, 2.0}

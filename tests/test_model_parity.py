@@ -1,100 +1,81 @@
-"""Logits of this port equal transformers' Qwen2MoeForCausalLM (PyTorch, CPU, float32) on the same random weights,
-on every configuration branch the real checkpoint and its variants use."""
+"""This port against transformers' Qwen2MoeForCausalLM on the same random weights, both measured against the
+truth: transformers in float64 (tests/hf_reference.py, ``hf_float64``). On every configuration branch the real
+checkpoint and its variants use, and on larger weights, a non-default rms_norm_eps, every YaRN field and
+positions near max_position_embeddings (``CONFIGS``), our float32 logits and router logits must be within twice
+the worst error of transformers' own float32 paths (SDPA and eager attention x grouped_mm and eager experts)
+plus 1e-7, and our bfloat16 logits within ``BF16_FACTOR`` of transformers' worst bfloat16 path. An error is
+max |x - truth| over the compared positions relative to max |truth| there (``relative_error``).
+
+Compared positions are the valid ones whose float64 routing is decisive (``decisive_positions``): where two
+experts nearly tie, float32 noise may pick either, and everything after it in the row then differs by far more
+than rounding, for transformers' float32 as for ours. ``make_hf_model`` draws the router wide (std 1) so that
+such ties are rare; ``test_fixtures_route_decisively_...`` checks that few positions are left out."""
 
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
-import qwen2_jax
-from hf_reference import hf_logits, make_hf_model, save_hf
+from flax import nnx
+from hf_reference import CONFIGS, parity_errors, parity_run
 
-# name -> (HF config overrides, config.json rewrite for the 4.x schema or None, save options)
-CONFIGS = {
-    "default_topk2": ({}, None, {}),
-    "norm_topk_prob": ({"norm_topk_prob": True, "num_experts_per_tok": 3}, None, {}),
-    "top1": ({"num_experts_per_tok": 1}, None, {}),
-    "mha_ratio1": ({"num_attention_heads": 4, "num_key_value_heads": 4}, None, {}),
-    "gqa_ratio7": ({"hidden_size": 56, "num_attention_heads": 7, "num_key_value_heads": 1, "head_dim": 8}, None, {}),
-    "mlp_only_layers": ({"mlp_only_layers": [0, 2]}, None, {}),
-    "sparse_step2": ({"decoder_sparse_step": 2, "num_hidden_layers": 4}, None, {}),
-    "tied_embeddings": ({"tie_word_embeddings": True}, None, {}),
-    "no_qkv_bias": ({"qkv_bias": False}, None, {}),
-    "yarn": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0,
-                                  "original_max_position_embeddings": 32}}, None, {}),
-    "hf4_schema_yarn": (
-        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0,
-                             "original_max_position_embeddings": 32}},
-        {"rope_parameters": None, "layer_types": None, "qkv_bias": None, "rope_theta": 1e6,
-         "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
-         "transformers_version": "4.40.1"},
-        {}),
-    "sharded_files": ({}, None, {"max_shard_size": "40KB"}),
-}
-
-SEQ = 48  # beyond YaRN's 32 original positions
-
-
-def _batch(vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(3, SEQ))
-    mask = np.ones((3, SEQ), np.int64)
-    mask[1, 30:] = 0  # right padding
-    mask[2, :9] = 0  # left padding
-    return ids, mask
-
-
-def _max_rel_diff(ours, ref, mask):
-    valid = mask.astype(bool)
-    return float(np.abs(ours - ref)[valid].max() / np.abs(ref[valid]).max())
+FLOAT32_FACTOR, FLOAT32_FLOOR = 2.0, 1e-7
+# Measured on CONFIGS (docs/parity.md): ours over transformers' worst bfloat16 path is 0.55 to 1.19 (both 4e-3 to
+# 8e-2 of the largest logit). 2 leaves room for rounding luck and still fails a bug that adds bfloat16-sized
+# error twice over (RMSNorm taken in bfloat16 fails large_weights), let alone a wrong formula.
+BF16_FACTOR = 2.0
+# Greedy tokens are compared where the float64 top-1 leads the runner-up by this fraction of the largest logit.
+# float32: ~100x its error (3e-7 to 1.6e-6). bfloat16: its worst error is 8e-2 (long_sequence), but that is the
+# worst over the vocabulary; our bfloat16 top-1 flips measured (large_weights, long_sequence, top1) are all at
+# leads under 6e-3.
+GREEDY_MARGIN = {"float32": 1e-4, "bfloat16": 0.1}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tmp_path_factory):
-    overrides, rewrite, save_opts = CONFIGS[request.param]
-    hf = make_hf_model(seed=len(request.param), **overrides)
-    directory = save_hf(hf, tmp_path_factory.mktemp(request.param), config_overrides=rewrite, **save_opts)
-    return request.param, hf, directory
+    run = parity_run(request.param, tmp_path_factory.mktemp(request.param))
+    run.errors = parity_errors(run)
+    return run
 
 
-def test_float32_logits_match_transformers_on_padded_batches(case):
-    name, hf, directory = case
-    ids, mask = _batch(hf.config.vocab_size)
-    ref = hf_logits(hf, ids, mask)
-    model = qwen2_jax.from_pretrained(directory, dtype="float32")
-    ours = np.asarray(jax.jit(model.__call__)(jnp.asarray(ids), jnp.asarray(mask)))
-    assert ours.dtype == np.float32 and ours.shape == ref.shape
-    assert _max_rel_diff(ours, ref, mask) <= 1e-4, name
+def test_fixtures_route_decisively_at_two_thirds_of_the_positions(case):
+    # Otherwise the comparisons below would skip too much to mean anything (measured: 0.71 to 1.00).
+    assert case.errors["positions"] >= 2 / 3 * case.errors["valid"], (case.name, case.errors)
 
 
-def test_router_probabilities_and_chosen_experts_match_hf_router_logits(tmp_path):
-    import torch
-
-    hf = make_hf_model(seed=3, num_experts_per_tok=3)
-    model = qwen2_jax.from_pretrained(save_hf(hf, tmp_path), dtype="float32")
-    ids, mask = _batch(hf.config.vocab_size, seed=1)
-    with torch.no_grad():
-        ref = hf(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_router_logits=True).router_logits
-    out = model.forward(jnp.asarray(ids), jnp.asarray(mask), output_router_logits=True)
-    assert out.router_logits.shape[0] == len(ref)
-    valid = mask.reshape(-1).astype(bool)  # padding positions attend to nothing; their routing is arbitrary
-    for layer in range(len(ref)):
-        ref_probs = torch.softmax(ref[layer].float(), -1).numpy()[valid]
-        probs = np.asarray(jax.nn.softmax(out.router_logits[layer], -1))[valid]
-        np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
-        k = hf.config.num_experts_per_tok
-        assert (np.sort(np.argsort(-probs, -1)[:, :k], -1) == np.sort(np.argsort(-ref_probs, -1)[:, :k], -1)).all()
+def test_float32_logits_are_within_twice_transformers_float32_error_of_float64(case):
+    assert case.logits.dtype == np.float32 and case.logits.shape == case.truth.shape
+    e = case.errors
+    assert e["float32"] <= FLOAT32_FACTOR * max(e["transformers_float32"].values()) + FLOAT32_FLOOR, (case.name, e)
 
 
-def test_bfloat16_top1_agrees_with_hf_float32(tmp_path):
-    hf = make_hf_model(seed=5)
-    model = qwen2_jax.from_pretrained(save_hf(hf, tmp_path), dtype="bfloat16")
-    ids, mask = _batch(hf.config.vocab_size, seed=2)
-    ref = hf_logits(hf, ids, mask)
-    ours = np.asarray(jax.jit(model.__call__)(jnp.asarray(ids), jnp.asarray(mask)))
-    assert ours.dtype == np.float32  # logits are float32 whatever the weights
-    valid = mask.astype(bool)
-    agreement = (ours.argmax(-1) == ref.argmax(-1))[valid].mean()
-    assert agreement >= 0.9, agreement
-    assert all(getattr(leaf, "dtype", jnp.bfloat16) == jnp.bfloat16
-               for leaf in jax.tree.leaves(__import__("flax").nnx.state(model)))
+def test_float32_router_logits_are_within_twice_transformers_float32_error_of_float64(case):
+    assert len(case.routers) == len(case.truth_routers)
+    e = case.errors
+    assert e["router"] <= FLOAT32_FACTOR * max(e["transformers_router"].values()) + FLOAT32_FLOOR, (case.name, e)
+
+
+def test_chosen_experts_equal_float64_ones_where_routing_is_decisive(case):
+    flat = case.positions.reshape(-1)
+    for layer, (ours, truth) in enumerate(zip(case.routers, case.truth_routers)):
+        chosen = np.sort(np.argsort(-ours[flat], axis=-1)[:, :case.top_k], axis=-1)
+        expected = np.sort(np.argsort(-truth[flat], axis=-1)[:, :case.top_k], axis=-1)
+        assert (chosen == expected).all(), (case.name, layer, np.argwhere((chosen != expected).any(-1)).ravel())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_equal_float64_ones_where_the_top_logit_leads_by_more_than_the_noise(case, dtype):
+    ours = case.logits if dtype == "float32" else case.logits16
+    top2 = np.sort(case.truth, axis=-1)[..., -2:]
+    lead = (top2[..., 1] - top2[..., 0]) / np.abs(case.truth[case.positions]).max()
+    compared = case.positions & (lead > GREEDY_MARGIN[dtype])
+    assert compared.sum() >= 0.2 * case.positions.sum(), (case.name, int(compared.sum()))
+    agree = ours.argmax(-1) == case.truth.argmax(-1)
+    assert agree[compared].all(), (case.name, np.argwhere(compared & ~agree))
+
+
+def test_bfloat16_logits_are_within_bf16_factor_of_transformers_bfloat16_error_of_float64(case):
+    assert case.logits16.dtype == np.float32  # logits are float32 whatever the weights
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(case.model16)))
+    e = case.errors
+    assert e["bfloat16"] <= BF16_FACTOR * max(e["transformers_bfloat16"].values()), (case.name, e)

@@ -1,7 +1,9 @@
 """Every measurement script in scripts/ runs in a tiny mode, so that none rots unnoticed (each is run as a
 process from the repository root, as its docstring says to)."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,5 +41,72 @@ def test_moe_dispatch_script_times_every_implementation():
 
 def test_compare_checkouts_script_times_two_checkouts_in_turns():
     out = run("scripts/compare_checkouts.py", ".", ".", "--config", "tiny", "--rounds", "1", "--new-tokens", "3",
-              "--prompt-len", "8")
+              "--prompt-len", "8", "--prefill-len", "32")
     assert "| batch | before | after | after / before |" in out and "| 8 |" in out
+    assert "time to first token, 32-token prompt" in out
+
+
+def test_long_context_memory_script_reports_peak_memory_by_prompt_length():
+    out = run("scripts/long_context_memory.py", "--lengths", "512,1024", "--chunk", "256", "--layers", "1")
+    assert "| 512 |" in out and "| 1,024 |" in out and "peak RSS" in out
+
+
+def test_bench_generate_startup_script_times_two_fresh_processes_on_the_demo_checkpoint():
+    out = run("scripts/bench_generate_startup.py", "--tiny")
+    runs = [line for line in out.splitlines() if line.startswith("run ")]
+    assert [r.split(":")[0] for r in runs] == ["run 1", "run 2"]
+    assert all("first text" in r and "generated 4 tokens; time to first token" in r for r in runs)
+
+
+def test_bench_convert_script_converts_two_depths_in_subprocesses_and_reports_peak_memory():
+    out = run("scripts/bench_convert.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["4"])]
+    assert [r[0] for r in rows] == ["1", "4"] and all(float(r[-1]) > 0 for r in rows)  # layers .. peak RSS MiB
+    assert "peak RSS ratio" in out and "tiny mode: the bounds are about multi-GB checkpoints; not enforced" in out
+
+
+def test_finetune_demo_script_trains_evaluates_and_saves_in_its_tiny_mode(tmp_path):
+    out = run("scripts/finetune_demo.py", "--tiny", "--save", str(tmp_path / "state"))
+    assert "step    3  loss" in out and "done: 3 steps" in out and "copy accuracy on 256 held-out sequences" in out
+    assert os.path.isdir(tmp_path / "state") and os.listdir(tmp_path / "state")
+
+
+def test_bench_script_runs_qwen2_jax_bench_from_the_checkout(tmp_path):
+    out = run("scripts/bench.py", "--config", "tiny", "--layers", "1", "--new-tokens", "2", "--prompt-len", "8",
+              "--prefill-len", "16", "--batches", "1", "--rounds", "1", "--no-hf", "--work-dir", str(tmp_path / "work"),
+              "--json", str(tmp_path / "bench.json"), "--plot", "")
+    assert "| decode tokens/s, batch 1 |" in out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["hf"] is None and result["jax"]["median"]["decode_b1_tokens_per_s"] > 0
+
+
+def test_scripts_use_only_the_public_api():
+    private = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "scripts"))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "scripts", name)) as f:
+                private += [f"{name}:{i}: {line.strip()}" for i, line in enumerate(f, 1)
+                            if re.search(r"\._[a-z]", line)]
+    assert private == []
+
+
+def test_bench_attention_script_times_both_paths_of_a_decode_step():
+    out = run("scripts/bench_attention.py", "--slots", "4096", "--filled", "512,3000", "--repeats", "2")
+    assert "| 512 |" in out and "| 3,000 |" in out
+
+
+def test_quant_accuracy_script_reports_kl_top1_routers_and_layer_errors():
+    out = run("scripts/quant_accuracy.py", "--tiny")
+    assert "KL mean" in out and "router top-k" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("int8 ", "int8:16 "))]
+    assert [r[0] for r in rows] == ["int8", "int8:16"]
+    assert all(0 < float(r[1]) < 1e-3 and float(r[3]) > 0.9 for r in rows)  # KL mean, top-1
+
+
+def test_bench_serve_script_loads_our_server_at_each_concurrency_in_its_tiny_mode(tmp_path):
+    out = run("scripts/bench_serve.py", "--tiny", "--work-dir", str(tmp_path / "work"), "--json",
+              str(tmp_path / "serve.json"), "--plot", str(tmp_path / "serve.png"))
+    assert "| qwen2-jax | 1 | 4 / 0 |" in out and "| qwen2-jax | 4 | 8 / 0 |" in out
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert [level["output_tokens"] for level in result["servers"]["qwen2-jax"]] == [4 * 8, 8 * 8]
+    assert result["generate_b8_decode_tokens_per_s"] > 0 and os.path.isfile(tmp_path / "serve.png")

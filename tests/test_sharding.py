@@ -307,6 +307,27 @@ def test_greedy_generation_on_mesh_is_token_identical_to_single_device(spec, sin
 
 
 @needs_8
+@pytest.mark.parametrize("quantize", ["int8", "int8:4"])
+def test_a_quantized_checkpoint_restores_onto_every_mesh_with_the_single_device_logits(checkpoints, tmp_path,
+                                                                                       quantize):
+    """Values and scales restored into their shardings (blocks of 4: every blocks axis divides tensor=2 and is
+    split with its values), the expert-parallel dispatch reading them in its shard_map."""
+    from qwen2_jax.convert import convert
+    from qwen2_jax.generate import generate
+    from qwen2_jax.loading import from_pretrained
+
+    convert(checkpoints["hf"], tmp_path / "q", quantize=quantize, progress=False)
+    single = from_pretrained(tmp_path / "q", dtype="float32")
+    ref = _logits(single)
+    tokens = generate(single, PROMPTS, max_new_tokens=4, eos_token_ids=())
+    for spec in MESHES[1:]:
+        mesh = _mesh(spec)
+        model = from_pretrained(tmp_path / "q", dtype="float32", mesh=mesh)
+        np.testing.assert_allclose(_logits(model, mesh), ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=spec)
+        assert generate(model, PROMPTS, max_new_tokens=4, eos_token_ids=()) == tokens, spec
+
+
+@needs_8
 def test_bfloat16_logits_on_mesh_stay_within_bfloat16_rounding_of_float32(checkpoints, single_device):
     """bf16 adds in a different order on a mesh (partial sums per shard, then the psum); the result must stay
     as close to float32 as single-device bf16 is (5.7e-3 measured there, see docs/sharding.md)."""
@@ -456,3 +477,27 @@ def test_restore_onto_mesh_holds_about_total_over_shards_per_device(source, tmp_
     # Every device holds exactly the blocks the rules give it, all alike, within 10% of total / 8.
     assert sorted(held) == sorted(d.id for d in jax.devices()) and set(held.values()) == {expected}
     assert total / 8 <= expected <= 1.1 * total / 8, (expected, total / 8)
+
+
+@needs_8
+def test_float32_logits_on_an_expert_tensor_mesh_are_within_twice_transformers_float32_error_of_float64(tmp_path):
+    """tests/test_model_parity.py's rule on a mesh: within 2x the worst of transformers' float32 paths, plus 1e-7,
+    of transformers in float64 (the partial sums per shard and the psum add in another order)."""
+    import jax
+    import torch
+    from flax import nnx
+    from hf_reference import decisive_positions, hf_float64, hf_paths, parity_batch, parity_model, relative_error
+
+    from qwen2_jax.loading import from_pretrained
+    from qwen2_jax.sharding import batch_sharding
+
+    hf, directory = parity_model("default_topk2", tmp_path)
+    ids, mask = parity_batch("default_topk2", hf.config.vocab_size)
+    truth, routers = hf_float64(hf, ids, mask)
+    positions = decisive_positions(hf, routers, mask)
+    theirs = max(relative_error(logits, truth, positions) for logits, _ in hf_paths(hf, ids, mask, torch.float32).values())
+    mesh = _mesh("expert=4,tensor=2")
+    graphdef, params = nnx.split(from_pretrained(directory, dtype="float32", mesh=mesh))
+    ids, mask = (jax.device_put(a.astype(np.int32), batch_sharding(mesh)) for a in (ids, mask))
+    ours = jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params)(ids, mask))(params, ids, mask)
+    assert relative_error(np.asarray(ours), truth, positions) <= 2 * theirs + 1e-7

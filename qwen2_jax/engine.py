@@ -1,0 +1,642 @@
+"""Continuous batching over a fixed number of decode slots: the engine behind ``qwen2-jax serve``.
+
+One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, donated to every step. One thread
+(``Engine``) owns it and, in a loop:
+
+- frees the slots whose requests ended or were aborted, and admits waiting requests into free slots;
+- prefills: ``_prefill`` (jitted, the state donated) writes one piece of a new request's prompt into its row
+  of the shared cache (pieces of ``prefill_chunk`` tokens, the last one left-padded to a power of two, >= 16),
+  at most ``prefill_chunk`` prompt tokens per loop, so that the slots already decoding go on between pieces.
+  The last piece also chooses the request's first token and turns the slot on;
+- decodes: ``_decode`` (jitted, the state donated) feeds every slot's last token at its own position, chooses
+  each slot's next token with its own sampling settings (temperature, top_k, top_p, repetition penalty, seed)
+  and ends a slot at one of its end tokens, at ``max_tokens`` or at the end of its row. It runs over the first
+  1, 2, 4 .. ``slots`` rows, the fewest that hold every busy slot (requests take the lowest free slot): on
+  XLA:CPU an idle row would cost as much as a busy one;
+- reads the tokens of the step before the one it just dispatched, so the device never waits for the host.
+
+A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is shifted onto the end of the
+row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
+them), so RoPE positions are slot numbers and a request uses exactly ``len(prompt) + max_tokens - 1`` slots.
+
+``Engine.start`` compiles every step ahead of time (a decode step per row bucket, a prefill per piece bucket
+16, 32 .. ``prefill_chunk``) and the loop calls those executables only; all per-request values are arrays, so
+no load compiles anything after that (``TRACES``, ``COMPILATIONS``).
+
+The model's forward writes a cache at one scalar index for the whole batch (``KVCache.index``); ``SlotCache``
+writes each row at its own length instead (the decode step puts the forward's causal horizon at the last slot,
+so that only ``valid`` masks, and its one-column write a no-op).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import queue
+import random
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import moe, views
+from .cache import KVCache
+from .errors import InputError
+from .generate import MIN_PROMPT_BUCKET, bucket, default_eos_token_ids
+from .sampling import apply_repetition_penalty, apply_temperature, check_sampling_args, nucleus_threshold
+
+MAX_EOS = 8  # end tokens per request, padded with -1
+# How many times each jitted function has been traced, and how many XLA compilations this process has run
+# (a function compiles again without a new trace for arguments of another layout): tests and /metrics check
+# that neither grows after start-up.
+TRACES: collections.Counter = collections.Counter()
+COMPILATIONS = collections.Counter()
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **_: COMPILATIONS.update(["backend"]) if event == "/jax/core/compile/backend_compile_duration"
+    else None)
+
+# Per-slot status a step reports to the host.
+IDLE, RUNNING, STOPPED, LENGTH = 0, 1, 2, 3
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotCache:
+    """``KVCache``'s arrays with a write position per row (``lengths``) for the decode step; ``index`` is what
+    the model reads as the causal horizon (the last slot, so every valid slot is seen). A decode step over the
+    first b rows of the slots has ``valid`` and ``lengths`` of b rows, and reads and writes those rows of
+    ``k`` and ``v``."""
+
+    k: tuple[jax.Array, ...]  # per layer [slots, Hkv, S, D]
+    v: tuple[jax.Array, ...]  # per layer [slots, Hkv, D, S]
+    valid: jax.Array  # [B, S] bool
+    index: jax.Array  # [] int32
+    lengths: jax.Array  # [B] int32: tokens in each row, the slot its next token goes to
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def update(self, layer: int, k, v) -> "SlotCache":
+        """Writes one token per row, ``k [B, Hkv, 1, D]`` and ``v [B, Hkv, D, 1]``, at slot ``lengths[row]``."""
+        rows = jnp.arange(k.shape[0])
+        new_k = self.k[layer].at[rows, :, self.lengths, :].set(k[:, :, 0, :].astype(self.k[layer].dtype))
+        new_v = self.v[layer].at[rows, :, :, self.lengths].set(v[:, :, :, 0].astype(self.v[layer].dtype))
+        put = lambda arrays, new: arrays[:layer] + (new,) + arrays[layer + 1:]
+        return dataclasses.replace(self, k=put(self.k, new_k), v=put(self.v, new_v))
+
+    def layer(self, layer: int):
+        b = self.lengths.shape[0]
+        return self.k[layer][:b], self.v[layer][:b]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotControls:
+    """Each slot's sampling settings and stopping rules ([B] arrays; one row of each for a prefill)."""
+
+    temperature: jax.Array  # float32; 0 is greedy
+    top_k: jax.Array  # int32; 0 is off
+    top_p: jax.Array  # float32; 1 is off
+    repetition_penalty: jax.Array  # float32; 1 is off
+    keys: jax.Array  # PRNG keys
+    max_tokens: jax.Array  # int32
+    eos: jax.Array  # [.., MAX_EOS] int32, padded with -1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    cache: SlotCache
+    tokens: jax.Array  # [B] int32: each slot's latest token (the next decode step's input)
+    active: jax.Array  # [B] bool: the slot is decoding
+    step: jax.Array  # [B] int32: tokens the slot's request has generated
+    seen: jax.Array  # [B, V] bool: prompt and generated tokens (for the repetition penalty)
+    controls: SlotControls
+
+
+# ---- choosing tokens, a setting per row ---------------------------------------------------------------------
+def _kth_largest(x, k):
+    """The k-th largest score per row ([B, V], k [B] >= 1) by bisection over float32 values, like
+    ``sampling.nucleus_threshold`` (no sort of the vocabulary): the smallest t with fewer than k scores above it."""
+    ordered = lambda f: (lambda i: jnp.where(i < 0, i ^ 0x7FFFFFFF, i))(jax.lax.bitcast_convert_type(f, jnp.int32))
+    from_ordered = lambda i: jax.lax.bitcast_convert_type(jnp.where(i < 0, i ^ 0x7FFFFFFF, i), jnp.float32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)
+        ok = jnp.sum(x > from_ordered(mid)[:, None], axis=-1) < k
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, body, (ordered(jnp.min(x, axis=-1)), ordered(jnp.max(x, axis=-1))))
+    return from_ordered(hi)
+
+
+def sample(logits, seen, c: SlotControls, step):
+    """Each row's next token from its logits [B, V], in HF's order of processors: repetition penalty, then for
+    rows with a temperature > 0 temperature, top-k (ties with the k-th kept, as HF) and top-p, and a draw with
+    the row's key folded with its ``step``; argmax for the others. The sampling path runs only when a row
+    samples, the filters only when a row asks for them."""
+    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, c.repetition_penalty)
+    greedy = jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)  # the first maximum, as argmax
+    sampling = c.temperature > 0
+
+    def draw():
+        x = apply_temperature(logits, jnp.where(sampling, c.temperature, 1.0))
+        use_k, use_p = c.top_k > 0, c.top_p < 1
+        x = jax.lax.cond(jnp.any(use_k), lambda: jnp.where(
+            use_k[:, None] & (x < _kth_largest(x, jnp.maximum(c.top_k, 1))[:, None]), -jnp.inf, x), lambda: x)
+        x = jax.lax.cond(jnp.any(use_p), lambda: jnp.where(
+            use_p[:, None] & (x < nucleus_threshold(x, c.top_p)[:, None]), -jnp.inf, x), lambda: x)
+        keys = jax.vmap(jax.random.fold_in)(c.keys, step)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(sampling), draw, lambda: greedy)
+    return jnp.where(sampling, drawn, greedy)
+
+
+def _status(token, step, length, max_len, c: SlotControls):
+    """After a slot's ``step``-th token at row length ``length``: STOPPED, LENGTH or RUNNING."""
+    ended = jnp.any(token[..., None] == c.eos, axis=-1)
+    full = (step >= c.max_tokens) | (length >= max_len)
+    return jnp.where(ended, STOPPED, jnp.where(full, LENGTH, RUNNING)).astype(jnp.int32)
+
+
+# ---- the jitted steps ---------------------------------------------------------------------------------------
+def _new_state(cfg, slots: int, max_len: int, dtype) -> EngineState:
+    TRACES["new_state"] += 1
+    cache = KVCache.create(cfg, slots, max_len, dtype=dtype)
+    zeros = lambda dt: jnp.zeros((slots,), dt)
+    controls = SlotControls(
+        temperature=zeros(jnp.float32), top_k=zeros(jnp.int32), top_p=jnp.ones((slots,), jnp.float32),
+        repetition_penalty=jnp.ones((slots,), jnp.float32), keys=jax.vmap(jax.random.key)(zeros(jnp.uint32)),
+        max_tokens=jnp.ones((slots,), jnp.int32), eos=jnp.full((slots, MAX_EOS), -1, jnp.int32))
+    return EngineState(cache=SlotCache(k=cache.k, v=cache.v, valid=cache.valid, index=cache.index,
+                                       lengths=zeros(jnp.int32)),
+                       tokens=zeros(jnp.int32), active=zeros(bool), step=zeros(jnp.int32),
+                       seen=jnp.zeros((slots, cfg.vocab_size), bool), controls=controls)
+
+
+def _prefill(params, expert_views, state: EngineState, slot, input_ids, attention_mask, positions, write, final,
+             request: SlotControls, seed, *, graphdef, platform: str):
+    """One piece ``[1, T]`` (left-padded) of a prompt into row ``slot`` at ``write``; the first piece
+    (``write`` 0) clears the row. The last piece (``final``) also chooses the first token and turns the slot
+    on. -> (state, [token, status])."""
+    TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    t = input_ids.shape[1]
+    c = state.cache
+    first = write == 0
+    row_valid = jnp.where(first, False, jax.lax.dynamic_slice_in_dim(c.valid, slot, 1, axis=0))
+    row = KVCache(k=tuple(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0) for a in c.k),
+                  v=tuple(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0) for a in c.v), valid=row_valid, index=write)
+    out = model.forward(input_ids, attention_mask, positions=positions, cache=row, last_only=True,
+                        platform=platform, expert_views=expert_views)
+    # Shift the piece's keys and values left over its padding, onto the end of the row's tokens, and write
+    # only the piece's slots back into the shared cache.
+    real = jnp.sum(attention_mask, dtype=jnp.int32)
+    pad = t - real
+    shift = lambda a, axis: jnp.roll(jax.lax.dynamic_slice_in_dim(a, write, t, axis=axis), -pad, axis=axis)
+    k = tuple(jax.lax.dynamic_update_slice(big, shift(a, 2), (slot, 0, write, 0)) for big, a in zip(c.k, out.cache.k))
+    v = tuple(jax.lax.dynamic_update_slice(big, shift(a, 3), (slot, 0, 0, write)) for big, a in zip(c.v, out.cache.v))
+    row_valid = jax.lax.dynamic_update_slice(row_valid, (jnp.arange(t) < real)[None], (0, write))
+    length = write + real
+
+    seen_row = jnp.where(first, False, state.seen[slot])
+    seen_row = seen_row.at[jnp.where(attention_mask[0], input_ids[0], seen_row.shape[0])].set(True, mode="drop")
+    request = dataclasses.replace(request, keys=jax.random.key(seed)[None])
+    token = sample(out.logits[:, 0], seen_row[None], request, jnp.zeros((1,), jnp.int32))[0]
+    status = _status(token, 1, length, c.max_len, jax.tree.map(lambda a: a[0], request))
+    seen_row = jnp.where(final, seen_row.at[token].set(True), seen_row)
+
+    at = lambda a, value, on=True: a.at[slot].set(jnp.where(on, value, a[slot]))
+    controls = jax.tree.map(lambda a, r: a.at[slot].set(r[0]), state.controls, request)
+    state = EngineState(
+        cache=SlotCache(k=k, v=v, valid=jax.lax.dynamic_update_slice(c.valid, row_valid, (slot, 0)), index=c.index,
+                        lengths=c.lengths.at[slot].set(length)),
+        tokens=at(state.tokens, token, final), active=state.active.at[slot].set(final & (status == RUNNING)),
+        step=state.step.at[slot].set(jnp.where(final, 1, 0)), seen=state.seen.at[slot].set(seen_row),
+        controls=controls)
+    return state, jnp.stack([jnp.where(final, token, -1), jnp.where(final, status, IDLE)])
+
+
+def _decode(params, expert_views, state: EngineState, keep, *, graphdef, platform: str, rows: int):
+    """One token for every active slot (``state.active & keep``) among the first ``rows``; the host keeps the
+    busy slots low so that a step computes few idle rows (on XLA:CPU each row costs its own expert products,
+    whatever it routes to). -> (state, [slots, 2] of (token, status))."""
+    TRACES["decode"] += 1
+    model = nnx.merge(graphdef, params)
+    c = state.cache
+    s, b = c.max_len, rows
+    first = lambda a: a[:b]
+    active = first(state.active) & first(keep)
+    r = jnp.arange(b)
+    lengths = first(c.lengths)
+    at = jnp.minimum(lengths, s - 1)
+    valid = first(c.valid).at[r, at].set(first(c.valid)[r, at] | active)
+    # Idle rows see no key and read token 0, so they all route to the same experts.
+    seeing = valid & active[:, None]
+    cache = SlotCache(k=c.k, v=c.v, valid=seeing, index=jnp.asarray(s - 1, jnp.int32), lengths=at)
+    # The forward writes its attention mask at the causal horizon's column: give it that column's own values.
+    out = model.forward(jnp.where(active, first(state.tokens), 0)[:, None], seeing[:, s - 1:], positions=at[:, None],
+                        cache=cache, platform=platform, expert_views=expert_views)
+    controls = jax.tree.map(first, state.controls)
+    seen = first(state.seen)
+    token = sample(out.logits[:, 0], seen, controls, first(state.step))
+    step = first(state.step) + active
+    lengths = lengths + active
+    status = jnp.where(active, _status(token, step, lengths, s, controls), IDLE)
+    token = jnp.where(active, token, first(state.tokens))
+    put = lambda full, part: full.at[:b].set(part)
+    state = EngineState(
+        cache=SlotCache(k=out.cache.k, v=out.cache.v, valid=put(c.valid, valid), index=c.index,
+                        lengths=put(c.lengths, lengths)),
+        tokens=put(state.tokens, token), active=put(state.active, active & (status == RUNNING)),
+        step=put(state.step, step), seen=put(state.seen, seen.at[r, token].set(seen[r, token] | active)),
+        controls=state.controls)
+    outputs = jnp.zeros((state.tokens.shape[0], 2), jnp.int32).at[:b].set(jnp.stack([token, status], axis=1))
+    return state, outputs
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: a random one
+    ignore_eos: bool = False
+    eos_token_ids: tuple[int, ...] | None = None  # None: the engine's
+
+    def check(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InputError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                            repetition_penalty=self.repetition_penalty)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is at its bound."""
+
+
+_IDS = itertools.count()
+
+
+class Request:
+    """A prompt and its settings; the engine calls ``deliver(token_ids, finish_reason)`` from its thread as
+    tokens come (``finish_reason`` None until the last call: "stop" or "length", or "abort"). Without
+    ``deliver``, the calls go to ``events`` (a queue), e.g. for tests."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams,
+                 deliver: Callable[[list[int], str | None], None] | None = None):
+        self.id = next(_IDS)
+        self.prompt = [int(t) for t in prompt]
+        self.params = params
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.deliver = deliver or (lambda tokens, finish: self.events.put((tokens, finish)))
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.generated = 0
+        self.finished = False
+
+    def result(self, timeout: float | None = None) -> tuple[list[int], str]:
+        """Blocks until the request ends (``events`` only): (all its tokens, finish_reason)."""
+        tokens = []
+        while True:
+            new, finish = self.events.get(timeout=timeout)
+            tokens += new
+            if finish is not None:
+                return tokens, finish
+
+
+@dataclasses.dataclass
+class Stats:
+    """What ``/metrics`` reports; histograms as (bucket bounds, counts, sum)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests_finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ttft: "Histogram" = None
+    itl: "Histogram" = None
+
+    def __post_init__(self):
+        self.ttft = Histogram((0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.itl = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+class Histogram:
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, x: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if x <= b), len(self.bounds))] += 1
+        self.sum += x
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Prefill:
+    request: Request
+    slot: int
+    done: int = 0  # prompt tokens written
+
+
+class Engine:
+    """Continuous batching of ``slots`` requests at a time over a model (``from_pretrained``), each request
+    using at most ``max_len`` positions (prompt + max_tokens). ``max_waiting``: requests that may wait for a
+    slot (``submit`` raises QueueFull past it). ``start()`` compiles every shape and starts the thread."""
+
+    def __init__(self, model, *, slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
+                 max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None):
+        cfg = model.config
+        for name, value, low in (("slots", slots, 1), ("max_len", max_len, 2), ("prefill_chunk", prefill_chunk, 16),
+                                 ("max_waiting", max_waiting, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        if max_len > cfg.context_length:
+            raise InputError(f"max_len {max_len} exceeds the model's context of {cfg.context_length} tokens")
+        chunk = min(bucket(prefill_chunk) if prefill_chunk & (prefill_chunk - 1) == 0 else prefill_chunk, max_len)
+        if chunk & (chunk - 1) or chunk < MIN_PROMPT_BUCKET or max_len % chunk:
+            raise InputError(f"prefill_chunk {prefill_chunk} must be a power of two >= {MIN_PROMPT_BUCKET} that "
+                             f"divides max_len {max_len} (a piece of a prompt must never run past its row)")
+        self.model, self.config = model, cfg
+        self.slots, self.max_len, self.chunk, self.max_waiting = slots, max_len, chunk, max_waiting
+        eos = default_eos_token_ids(model) if eos_token_ids is None else tuple(eos_token_ids)
+        self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
+        if len(self.eos_token_ids) > MAX_EOS:
+            raise InputError(f"at most {MAX_EOS} end tokens, got {len(self.eos_token_ids)}")
+        self.buckets = [b for b in (MIN_PROMPT_BUCKET << i for i in range(32)) if b <= chunk]
+
+        self._graphdef, self._params = nnx.split(model)
+        self._views = views.expert_views(model)
+        self._platform = moe.platform_of(self._params)
+        mesh = getattr(model, "mesh", None)
+        shardings = self._state_shardings(mesh) if mesh is not None else None
+        if mesh is not None and slots % mesh.shape["data"]:
+            raise InputError(f"slots {slots} must be a multiple of the mesh's data axis ({mesh.shape['data']})")
+        self._out = {} if mesh is None else dict(out_shardings=(
+            shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+        self._new_state = jax.jit(_new_state, static_argnums=(0, 1, 2, 3),
+                                  **({"out_shardings": shardings} if mesh is not None else {}))
+        # Decode steps over the first 1, 2, 4 .. slots rows.
+        self.rows = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
+        self._prefill: dict[int, Callable] = {}  # piece length -> compiled step
+        self._decode: dict[int, Callable] = {}  # rows -> compiled step
+        self._state = None
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._aborted: set[int] = set()
+        self._slot_req: list[Request | None] = [None] * slots
+        self._prefilling: collections.deque[_Prefill] = collections.deque()
+        self._keep = np.zeros(slots, bool)
+        self._pending: collections.deque = collections.deque()  # dispatched, not yet read: (outputs, kind, snapshot)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.stats = Stats()
+        self.steps = 0
+
+    def _state_shardings(self, mesh):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from .sharding import batch_sharding, cache_shardings
+
+        cs = cache_shardings(self.config, mesh, self.slots)
+        rows = batch_sharding(mesh)
+        rows2 = NamedSharding(mesh, P("data", None))
+        return EngineState(
+            cache=SlotCache(k=cs.k, v=cs.v, valid=cs.valid, index=cs.index, lengths=rows), tokens=rows, active=rows,
+            step=rows, seen=rows2, controls=SlotControls(temperature=rows, top_k=rows, top_p=rows,
+                                                         repetition_penalty=rows, keys=rows, max_tokens=rows,
+                                                         eos=rows2))
+
+    # ---- the public side (any thread) ----
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._slot_req)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """InputError for a request this engine cannot run: bad settings, token ids, or too long for a row."""
+        params.check()
+        if not prompt:
+            raise InputError("the prompt is empty; it needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise InputError(f"this model's maximum context length is {self.max_len} tokens; the prompt has "
+                             f"{len(prompt)} tokens and max_tokens is {params.max_tokens} ({len(prompt) + params.max_tokens} "
+                             "in all): shorten the prompt or lower max_tokens")
+        eos = params.eos_token_ids
+        if eos is not None and (len(eos) > MAX_EOS or not all(0 <= e < self.config.vocab_size for e in eos)):
+            raise InputError(f"eos_token_ids must be at most {MAX_EOS} token ids in [0, {self.config.vocab_size})")
+
+    def submit(self, request: Request) -> Request:
+        self.check(request.prompt, request.params)
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the engine has stopped: {self.error!r}")
+            if self.running + len(self._waiting) >= self.slots + self.max_waiting:
+                raise QueueFull(f"all {self.slots} slots are busy and {len(self._waiting)} requests are waiting")
+            request.submitted = time.perf_counter()
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Ends ``request`` (e.g. its client went away): its slot is free for the next step."""
+        with self._lock:
+            if not request.finished:
+                self._aborted.add(request.id)
+                self._lock.notify()
+
+    def start(self) -> "Engine":
+        """Compiles every step (a decode step per row bucket, a prefill per piece bucket), then starts the loop
+        thread."""
+        self._compile()
+        self._thread = threading.Thread(target=self._run, name="qwen2-jax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ---- the engine thread ----
+    def _fresh_state(self) -> EngineState:
+        return self._new_state(self.config, self.slots, self.max_len, self.model.dtype)
+
+    def _compile(self) -> None:
+        """Compiles each step ahead of time (``lower().compile()``) and keeps the executables, which the loop
+        calls directly: no argument's layout or commitment can make a step compile again under load."""
+        self._state = self._fresh_state()
+        static = dict(graphdef=self._graphdef, platform=self._platform)
+        for t in self.buckets:
+            step = jax.jit(functools.partial(_prefill, **static), donate_argnames=("state",), **self._out)
+            args = self._piece_args(_Prefill(Request([0] * t, SamplingParams(max_tokens=1)), 0), t)[0]
+            self._prefill[t] = step.lower(self._params, self._views, self._state, *args).compile()
+        for b in self.rows:
+            step = jax.jit(functools.partial(_decode, rows=b, **static), donate_argnames=("state",), **self._out)
+            self._decode[b] = step.lower(self._params, self._views, self._state, np.zeros(self.slots, bool)).compile()
+
+    def _controls(self, p: SamplingParams) -> SlotControls:
+        eos = () if p.ignore_eos else (self.eos_token_ids if p.eos_token_ids is None else tuple(p.eos_token_ids))
+        one = lambda x, dt: np.asarray([x], dt)
+        return SlotControls(temperature=one(p.temperature, np.float32), top_k=one(p.top_k, np.int32),
+                            top_p=one(p.top_p, np.float32), repetition_penalty=one(p.repetition_penalty, np.float32),
+                            keys=np.zeros((1,), np.uint32),  # replaced by the key of the seed in the step
+                            max_tokens=one(p.max_tokens, np.int32),
+                            eos=np.asarray([list(eos) + [-1] * (MAX_EOS - len(eos))], np.int32))
+
+    def _piece_args(self, job: _Prefill, t: int):
+        """The arguments of the prefill of ``job``'s next piece (``t`` tokens, left-padded) after the state;
+        and the number of prompt tokens in it."""
+        prompt = job.request.prompt
+        n = min(len(prompt) - job.done, t)
+        ids = np.zeros((1, t), np.int32)
+        mask = np.zeros((1, t), bool)
+        ids[0, t - n:], mask[0, t - n:] = prompt[job.done:job.done + n], True
+        positions = np.zeros((1, t), np.int32)
+        positions[0, t - n:] = np.arange(job.done, job.done + n)
+        p = job.request.params
+        seed = random.getrandbits(32) if p.seed is None else p.seed % 2**32
+        return (np.int32(job.slot), ids, mask, positions, np.int32(job.done), np.bool_(job.done + n == len(prompt)),
+                self._controls(p), np.uint32(seed)), n
+
+    def _dispatch_piece(self, job: _Prefill, budget: int) -> int:
+        """Writes the next piece of ``job``'s prompt (at most ``budget`` tokens, one bucket); returns its size."""
+        n = min(len(job.request.prompt) - job.done, self.chunk)
+        t = bucket(n, MIN_PROMPT_BUCKET)
+        if t > budget and job.done + n < len(job.request.prompt):
+            return 0
+        args, n = self._piece_args(job, t)
+        last = bool(args[5])
+        self._state, out = self._prefill[t](self._params, self._views, self._state, *args)
+        job.done += n
+        if last:
+            out.copy_to_host_async()
+            self._pending.append((out, "prefill", (job.slot, job.request)))
+        return t
+
+    def _dispatch_decode(self, keep: np.ndarray) -> None:
+        rows = next(b for b in self.rows if b > np.flatnonzero(keep)[-1])
+        self._state, out = self._decode[rows](self._params, self._views, self._state, keep.copy())
+        out.copy_to_host_async()
+        self._pending.append((out, "decode", list(self._slot_req)))
+        self.steps += 1
+
+    def _run(self) -> None:
+        try:
+            while self._loop_once():
+                pass
+        except BaseException as e:  # a bug: fail every request rather than leave clients waiting forever
+            self.error = e
+            with self._lock:
+                requests = [r for r in (*self._slot_req, *self._waiting) if r is not None]
+            for r in requests:
+                self._finish(r, "abort")
+            raise
+
+    def _loop_once(self) -> bool:
+        with self._lock:
+            while (not self._stopping and not self._waiting and not self._aborted and self.running == 0
+                   and not self._pending):
+                self._lock.wait()
+            if self._stopping:
+                return False
+            aborted, self._aborted = self._aborted, set()
+            for slot, r in enumerate(self._slot_req):
+                if r is not None and r.id in aborted:
+                    self._release(slot)
+                    self._finish(r, "abort")
+            for r in [r for r in self._waiting if r.id in aborted]:
+                self._waiting.remove(r)
+                self._finish(r, "abort")
+            for slot in range(self.slots):
+                if self._slot_req[slot] is None and self._waiting:
+                    r = self._waiting.popleft()
+                    self._slot_req[slot] = r
+                    self._prefilling.append(_Prefill(r, slot))
+        # Prefill: up to a chunk's worth of prompt tokens, then a decode step for the slots already running.
+        budget = self.chunk
+        while self._prefilling and budget > 0:
+            job = self._prefilling[0]
+            used = self._dispatch_piece(job, budget)
+            if used == 0:
+                break
+            budget -= used
+            if job.done == len(job.request.prompt):
+                self._prefilling.popleft()
+                self._keep[job.slot] = True
+        dispatched = False
+        if self._keep.any():
+            self._dispatch_decode(self._keep)
+            dispatched = True
+        # Read everything but the step just dispatched: the device runs it meanwhile.
+        while len(self._pending) > (1 if dispatched else 0):
+            self._read(*self._pending.popleft())
+        return True
+
+    def _release(self, slot: int) -> None:
+        self._slot_req[slot] = None
+        self._keep[slot] = False
+        self._prefilling = collections.deque(j for j in self._prefilling if j.slot != slot)
+
+    def _read(self, outputs, kind: str, snapshot) -> None:
+        out = np.asarray(outputs)
+        if kind == "prefill":
+            slot, r = snapshot
+            self.stats.prompt_tokens += len(r.prompt)
+            self._emit(slot, r, int(out[0]), int(out[1]))
+            return
+        for slot, r in enumerate(snapshot):
+            if r is not None and out[slot, 1] != IDLE:
+                self._emit(slot, r, int(out[slot, 0]), int(out[slot, 1]))
+
+    def _emit(self, slot: int, r: Request, token: int, status: int) -> None:
+        if r.finished:
+            return
+        now = time.perf_counter()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.stats.ttft.observe(now - r.submitted)
+        else:
+            self.stats.itl.observe(now - r.last_token_at)
+        r.last_token_at = now
+        r.generated += 1
+        self.stats.generation_tokens += 1
+        finish = {STOPPED: "stop", LENGTH: "length"}.get(status)
+        if finish is not None:
+            with self._lock:
+                if self._slot_req[slot] is r:
+                    self._release(slot)
+            self._finish(r, finish, [token])
+        else:
+            r.deliver([token], None)
+
+    def _finish(self, r: Request, reason: str, tokens: list[int] | None = None) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        self.stats.requests_finished[reason] += 1
+        r.deliver(tokens or [], reason)

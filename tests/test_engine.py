@@ -1,0 +1,154 @@
+"""The continuous-batching engine in-process: a request's tokens do not depend on its neighbours, nothing
+compiles after start-up, each slot stops on its own, aborted slots are freed, the queue is bounded."""
+
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import qwen2_jax
+from qwen2_jax.bench import bench_config
+from qwen2_jax.convert import write_hf_checkpoint
+from qwen2_jax.engine import Engine, QueueFull, Request, SamplingParams
+from qwen2_jax.errors import InputError
+from qwen2_jax.generate import generate
+
+engine_module = importlib.import_module("qwen2_jax.engine")
+MAX_LEN, CHUNK = 256, 64  # prefill buckets 16, 32, 64; prompts past 64 tokens go in pieces
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_hf_checkpoint(bench_config("tiny"), path, dtype="float32", seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return qwen2_jax.from_pretrained(checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, slots=16, max_len=MAX_LEN, prefill_chunk=CHUNK, eos_token_ids=()).start()
+    yield engine
+    engine.stop()
+
+
+def prompts_of(lengths, seed=0, vocab=512):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def run_all(engine, prompts, params):
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    requests = [engine.submit(Request(p, s)) for p, s in zip(prompts, params)]
+    return [r.result(timeout=300) for r in requests]
+
+
+LENGTHS = [3, 40, 70, 150, 9, 17, 1, 64, 65, 128, 33, 5, 100, 12, 27, 90]  # one bucket each side of every edge
+
+
+def test_greedy_tokens_of_a_request_alone_equal_its_tokens_among_15_others_and_generates(engine, model):
+    prompts = prompts_of(LENGTHS, seed=1)
+    greedy = SamplingParams(max_tokens=24)
+    together = run_all(engine, prompts, greedy)
+    alone = [run_all(engine, [p], greedy)[0] for p in prompts]
+    assert together == alone
+    assert all(finish == "length" and len(tokens) == 24 for tokens, finish in together)
+    assert [tokens for tokens, _ in together] == generate(model, prompts, max_new_tokens=24, eos_token_ids=())
+
+
+def test_nothing_compiles_after_start_up_under_a_mixed_load(engine):
+    before = engine_module.TRACES.copy(), engine_module.COMPILATIONS.copy()
+    sampled = [SamplingParams(max_tokens=n, temperature=t, top_k=k, top_p=p, repetition_penalty=r, seed=s)
+               for n, t, k, p, r, s in [(5, 0.0, 0, 1.0, 1.0, None), (9, 0.7, 0, 1.0, 1.0, 1), (30, 1.2, 20, 0.9, 1.1, 2),
+                                        (17, 0.5, 0, 0.8, 1.0, None), (3, 0.0, 0, 1.0, 1.3, 4), (50, 0.9, 5, 1.0, 1.0, 5)]]
+    prompts = prompts_of([2, 31, 200, 64, 129, 77], seed=2)
+    results = run_all(engine, prompts, sampled)
+    assert [len(tokens) for tokens, _ in results] == [5, 9, 30, 17, 3, 50]
+    assert (engine_module.TRACES, engine_module.COMPILATIONS) == before
+
+
+def test_each_slot_stops_at_its_own_end_token_and_the_others_go_on(engine):
+    prompts = prompts_of([6, 13, 30], seed=3)
+    free = [tokens for tokens, _ in run_all(engine, prompts, SamplingParams(max_tokens=40))]
+    eos = free[0][4]
+    stopped = run_all(engine, prompts, SamplingParams(max_tokens=40, eos_token_ids=(eos,)))
+    for (tokens, finish), unstopped in zip(stopped, free):
+        expected = unstopped[:unstopped.index(eos) + 1] if eos in unstopped else unstopped
+        assert tokens == expected and finish == ("stop" if eos in unstopped else "length")
+    ignored = run_all(engine, prompts[:1], SamplingParams(max_tokens=40, eos_token_ids=(eos,), ignore_eos=True))
+    assert ignored[0] == (free[0], "length")
+
+
+def test_a_seeded_request_samples_the_same_tokens_whatever_its_neighbours(engine):
+    prompt = prompts_of([11], seed=4)[0]
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=7)
+    alone = run_all(engine, [prompt], params)[0]
+    crowd = run_all(engine, prompts_of([5, 20, 3], seed=5) + [prompt],
+                    [SamplingParams(max_tokens=30, temperature=1.0, seed=i) for i in range(3)] + [params])[-1]
+    assert crowd == alone
+    other_seed = run_all(engine, [prompt], SamplingParams(**{**params.__dict__, "seed": 8}))[0]
+    assert other_seed != alone
+
+
+def test_an_aborted_request_ends_at_once_and_its_slot_serves_the_next(engine):
+    long = engine.submit(Request(prompts_of([8])[0], SamplingParams(max_tokens=MAX_LEN - 8)))
+    first, _ = long.events.get(timeout=60)
+    engine.abort(long)
+    tokens, finish = long.result(timeout=60)
+    assert finish == "abort" and len(first + tokens) < MAX_LEN - 8
+    assert engine.running == 0
+    assert run_all(engine, prompts_of([4]), SamplingParams(max_tokens=3))[0][1] == "length"
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(max_tokens=4), "prompt is empty"),
+    ([1, 2, 512], SamplingParams(max_tokens=4), "token id 512 is outside the vocabulary"),
+    ([1] * 200, SamplingParams(max_tokens=57), "the prompt has 200 tokens and max_tokens is 57"),
+    ([1], SamplingParams(max_tokens=0), "max_tokens must be an integer >= 1"),
+    ([1], SamplingParams(max_tokens=4, temperature=-1), "temperature must be >= 0"),
+    ([1], SamplingParams(max_tokens=4, top_p=0), "top_p must be in (0, 1]"),
+])
+def test_a_request_the_engine_cannot_run_is_an_input_error(engine, prompt, params, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        engine.submit(Request(prompt, params))
+
+
+def test_a_full_queue_refuses_new_requests(model):
+    engine = Engine(model, slots=1, max_len=32, prefill_chunk=16, max_waiting=1, eos_token_ids=()).start()
+    try:
+        busy = [engine.submit(Request([1, 2, 3], SamplingParams(max_tokens=29))) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(Request([1], SamplingParams(max_tokens=2)))
+        assert [r.result(timeout=120)[1] for r in busy] == ["length", "length"]
+    finally:
+        engine.stop()
+
+
+def test_the_engine_on_a_device_mesh_gives_the_tokens_of_one_device(checkpoint):
+    """A data=2 x expert=2 mesh of four XLA:CPU devices, in a fresh process."""
+    script = textwrap.dedent(f"""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import qwen2_jax
+        from qwen2_jax.engine import Engine, Request, SamplingParams
+        from qwen2_jax.sharding import make_mesh
+        prompts = [[5, 9, 200, 3], list(range(1, 40)), [7] * 20, [300]]
+        out = []
+        for mesh in (None, make_mesh("data=2,expert=2")):
+            model = qwen2_jax.from_pretrained({checkpoint!r}, dtype="float32", mesh=mesh)
+            engine = Engine(model, slots=4, max_len=64, prefill_chunk=32, eos_token_ids=()).start()
+            requests = [engine.submit(Request(p, SamplingParams(max_tokens=10))) for p in prompts]
+            out.append([r.result(timeout=300) for r in requests])
+            engine.stop()
+        assert out[0] == out[1], out
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
