@@ -220,10 +220,8 @@ class SparseMoeBlock(nnx.Module):
         weights = weights.astype(router_logits.dtype)
         shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
         if callable(impl):  # expert-parallel: the shared expert's partial sums join the experts' one all-reduce
-            dtype = self.experts.dtype
             shared = [m.operand() for m in (self.shared_expert.gate_proj, self.shared_expert.up_proj,
-                                            self.shared_expert.down_proj)]
-            shared = [w if hasattr(w, "scale") else w.astype(dtype) for w in shared]
+                                            self.shared_expert.down_proj)]  # cast or dequantized in its products
             out = self.experts(flat, weights, experts, functools.partial(impl, shared=(shared_gate, *shared)))
         else:
             out = self.experts(flat, weights, experts, impl, platform, views) + shared_gate * self.shared_expert(flat)
@@ -387,7 +385,6 @@ def quantize_model(model: Qwen2MoeForCausalLM, quant, shardings=None) -> Qwen2Mo
     "int8:128"), quantized from ``model``'s float weights where they lie (or into ``shardings[path]``), one
     weight at a time. ``model`` keeps its own arrays."""
     from .params import quantize_tree
-    from .quant import QuantConfig
 
     quant = QuantConfig.parse(quant)
     if model.config.quantization is not None:

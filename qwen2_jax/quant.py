@@ -25,7 +25,6 @@ import numpy as np
 from .errors import InputError
 
 TYPES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max))}
-SCALE_DTYPE = np.float32
 QUANT_METHOD = "qwen2_jax"  # config.json's quantization_config.quant_method for checkpoints this port quantized
 
 
@@ -175,7 +174,3 @@ def operand(values, scale, axis: int):
 def scale_shape(shape: tuple[int, ...], cfg: QuantConfig, axis: int) -> tuple[int, ...]:
     axis = axis % len(shape)
     return shape[:axis] + (cfg.blocks(shape[axis]),) + shape[axis + 1:]
-
-
-def nbytes(tree) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
