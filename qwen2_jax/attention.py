@@ -29,36 +29,41 @@ BLOCK = 1024  # keys per block: scores of [T, 1024] per head at a time
 FEW = 16  # queries a step (a decode step, a short prompt) attends with all the slots at once
 
 
-def attention(q, k, v, valid, start, *, block: int = BLOCK, upto=None, loop_below: float = 0.5):
+def attention(q, k, v, valid, start, *, block: int = BLOCK, upto=None, loop_below: float = 0.5, segments=None):
     """-> [B, T, Hq, D] in q's dtype. ``upto``: visit only the key blocks below this slot count (a traced
     int32, e.g. ``start + T``), else every block; a decode step does so while ``upto`` is at most
-    ``loop_below`` of the slots, and takes them all in one pass past that."""
+    ``loop_below`` of the slots, and takes them all in one pass past that. ``segments``: packed sequences, as
+    ids ``(of the queries [B, T], of the key slots [B, S])``: a query sees only the keys of its own segment."""
     b, t, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, d).astype(k.dtype)
     q_slots = start + jnp.arange(t)
     scale = d ** -0.5
     if s <= block:
-        out = _attend_all(q, k, v, valid, q_slots, scale)
+        out = _attend_all(q, k, v, valid, q_slots, scale, segments)
     elif t > FEW:
-        out = _attend_blocks(q, k, v, valid, q_slots, scale, block, upto)
+        out = _attend_blocks(q, k, v, valid, q_slots, scale, block, upto, segments)
     elif upto is None:
-        out = _attend_all(q, k, v, valid, q_slots, scale)
+        out = _attend_all(q, k, v, valid, q_slots, scale, segments)
     else:
-        out = jax.lax.cond(upto <= loop_below * s, lambda: _attend_blocks(q, k, v, valid, q_slots, scale, block, upto),
-                           lambda: _attend_all(q, k, v, valid, q_slots, scale))
+        out = jax.lax.cond(upto <= loop_below * s,
+                           lambda: _attend_blocks(q, k, v, valid, q_slots, scale, block, upto, segments),
+                           lambda: _attend_all(q, k, v, valid, q_slots, scale, segments))
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
-def _visible(valid, q_slots, k_slots):
-    """[B, 1, 1, T, K]: which key slots each query sees (causal and real)."""
-    return valid[:, None, None, None, :] & (k_slots[None, :] <= q_slots[:, None])[None, None, None]
+def _visible(valid, q_slots, k_slots, segments=None):
+    """[B, 1, 1, T, K]: which key slots each query sees (causal, real, and of its segment)."""
+    seen = valid[:, None, None, None, :] & (k_slots[None, :] <= q_slots[:, None])[None, None, None]
+    if segments is not None:
+        seen = seen & (segments[0][:, :, None] == segments[1][:, None, :])[:, None, None]
+    return seen
 
 
-def _attend_all(q, k, v, valid, q_slots, scale):
+def _attend_all(q, k, v, valid, q_slots, scale, segments=None):
     """One pass over all S slots (a decode step, a short prompt): the scores are [T, S] per head."""
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    seen = _visible(valid, q_slots, jnp.arange(k.shape[2]))
+    seen = _visible(valid, q_slots, jnp.arange(k.shape[2]), segments)
     # A plain softmax (a finite fill, not -inf) is one fused kernel on a GPU; with a guarded -inf, XLA split it
     # and, short of memory at batch 64, recomputed the scores, reading the K cache twice. As HF: the softmax in
     # float32, the probabilities cast to the values' dtype for the second product.
@@ -67,7 +72,7 @@ def _attend_all(q, k, v, valid, q_slots, scale):
     return jnp.where(jnp.any(seen, axis=-1).transpose(0, 3, 1, 2)[..., None], out, 0)  # no key seen: zeros
 
 
-def _attend_blocks(q, k, v, valid, q_slots, scale, block, upto):
+def _attend_blocks(q, k, v, valid, q_slots, scale, block, upto, segments=None):
     """An online softmax over key blocks: running maximum ``m``, sum ``l`` and output ``acc`` per query."""
     b, t, hkv, g, d = q.shape
     s = k.shape[2]
@@ -76,14 +81,17 @@ def _attend_blocks(q, k, v, valid, q_slots, scale, block, upto):
         k = jnp.pad(k, ((0, 0), (0, 0), (0, n * block - s), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, n * block - s)))
         valid = jnp.pad(valid, ((0, 0), (0, n * block - s)))
+        if segments is not None:
+            segments = (segments[0], jnp.pad(segments[1], ((0, 0), (0, n * block - s)), constant_values=-1))
     shape = (b, hkv, g, t)
 
     def step(j, carry):
         m, l, acc = carry
         k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
         v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=3)
-        seen = _visible(jax.lax.dynamic_slice_in_dim(valid, j * block, block, axis=1), q_slots,
-                        j * block + jnp.arange(block))
+        block_of = lambda a: jax.lax.dynamic_slice_in_dim(a, j * block, block, axis=1)
+        seen = _visible(block_of(valid), q_slots, j * block + jnp.arange(block),
+                        None if segments is None else (segments[0], block_of(segments[1])))
         scores = jnp.einsum("btkgd,bksd->bkgts", q, k_j, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(seen, scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))

@@ -4,10 +4,13 @@ One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, dona
 (``Engine``) owns it and, in a loop:
 
 - frees the slots whose requests ended or were aborted, and admits waiting requests into free slots;
-- prefills: ``_prefill`` (jitted, the state donated) writes one piece of a new request's prompt into its row
-  of the shared cache (pieces of ``prefill_chunk`` tokens, the last one left-padded to a power of two, >= 16),
-  at most ``prefill_chunk`` prompt tokens per loop, so that the slots already decoding go on between pieces.
-  The last piece also chooses the request's first token and turns the slot on;
+- prefills, one call of at most ``prefill_chunk`` prompt tokens per loop, so that the slots already decoding go
+  on between calls (jitted, the state donated): ``_prefill_packed`` runs the whole prompts next in line that
+  fit together, packed into one row of a power of two >= 16 tokens (each attends only to itself: the model's
+  ``segment_ids``), writes each one's keys and values into its slot's row of the shared cache, chooses its
+  first token and turns the slot on; one forward for many prompts, as transformers' continuous batching does.
+  A prompt longer than ``prefill_chunk`` goes alone, a piece of ``prefill_chunk`` tokens a call (``_prefill``,
+  the last piece left-padded), into its row;
 - decodes: ``_decode`` (jitted, the state donated) feeds every slot's last token at its own position, chooses
   each slot's next token with its own sampling settings (temperature, top_k, top_p, repetition penalty, seed)
   and ends a slot at one of its end tokens, at ``max_tokens`` or at the end of its row. It runs over the first
@@ -19,8 +22,8 @@ A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is 
 row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
 them), so RoPE positions are slot numbers and a request uses exactly ``len(prompt) + max_tokens - 1`` slots.
 
-``Engine.start`` compiles every step ahead of time (a decode step per row bucket, a prefill per piece bucket
-16, 32 .. ``prefill_chunk``) and the loop calls those executables only; all per-request values are arrays, so
+``Engine.start`` compiles every step ahead of time (a decode step per row bucket, a packed prefill per length
+16, 32 .. ``prefill_chunk``, and ``_prefill`` when ``prefill_chunk`` < ``max_len``) and the loop calls those executables only; all per-request values are arrays, so
 no load compiles anything after that (``TRACES``, ``COMPILATIONS``).
 
 The model's forward writes a cache at one scalar index for the whole batch (``KVCache.index``); ``SlotCache``
@@ -31,9 +34,11 @@ so that only ``valid`` masks, and its one-column write a no-op).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import os
 import queue
 import random
 import threading
@@ -185,8 +190,8 @@ def _new_state(cfg, slots: int, max_len: int, dtype) -> EngineState:
 
 def _prefill(params, expert_views, state: EngineState, slot, input_ids, attention_mask, positions, write, final,
              request: SlotControls, seed, *, graphdef, platform: str):
-    """One piece ``[1, T]`` (left-padded) of a prompt into row ``slot`` at ``write``; the first piece
-    (``write`` 0) clears the row. The last piece (``final``) also chooses the first token and turns the slot
+    """One piece ``[1, T]`` (left-padded) of a prompt longer than a piece into row ``slot`` at ``write``, with
+    attention over the row's earlier pieces; the first piece (``write`` 0) clears the row. The last piece (``final``) also chooses the first token and turns the slot
     on. -> (state, [token, status])."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
@@ -224,6 +229,44 @@ def _prefill(params, expert_views, state: EngineState, slot, input_ids, attentio
         step=state.step.at[slot].set(jnp.where(final, 1, 0)), seen=state.seen.at[slot].set(seen_row),
         controls=controls)
     return state, jnp.stack([jnp.where(final, token, -1), jnp.where(final, status, IDLE)])
+
+
+def _prefill_packed(params, expert_views, state: EngineState, input_ids, positions, segment_ids, ends, slots,
+                    request: SlotControls, seeds, *, graphdef, platform: str):
+    """Whole prompts packed into one piece ``[1, T]`` (``segment_ids`` 0, 1 .. per prompt, -1 for the padding
+    at the end; ``positions`` count from 0 in each prompt): one forward for all of them, over a cache of the
+    piece's own T slots, each prompt attending only to itself. Each prompt's keys and values go to its slot's
+    row (``slots`` [P], the number of slots for an unused segment: dropped), its first token is chosen from
+    the logits at its last token (``ends`` [P]) and the slot is turned on. -> (state, [P, 2] of (token, status))."""
+    TRACES["prefill_packed"] += 1
+    model = nnx.merge(graphdef, params)
+    c = state.cache
+    n_slots, p = c.lengths.shape[0], slots.shape[0]
+    real = segment_ids[0] >= 0
+    seg = jnp.where(real, segment_ids[0], p)  # padding: past the last segment
+    piece = KVCache.create(model.config, 1, input_ids.shape[1], dtype=c.k[0].dtype)
+    out = model.forward(input_ids, real[None], positions=positions, cache=piece, segment_ids=segment_ids,
+                        logits_at=ends[None], platform=platform, expert_views=expert_views)
+    slot_of = jnp.append(slots, n_slots)[seg]  # each token's slot; the padding's is out of range (dropped)
+    at = positions[0]
+    k = tuple(big.at[slot_of, :, at, :].set(a[0].transpose(1, 0, 2), mode="drop") for big, a in zip(c.k, out.cache.k))
+    v = tuple(big.at[slot_of, :, :, at].set(a[0].transpose(2, 0, 1), mode="drop") for big, a in zip(c.v, out.cache.v))
+    valid = c.valid.at[slots].set(False, mode="drop").at[slot_of, at].set(True, mode="drop")
+    length = at[ends] + 1
+
+    seen = jnp.zeros((p, state.seen.shape[1]), bool).at[seg, input_ids[0]].set(True, mode="drop")
+    request = dataclasses.replace(request, keys=jax.vmap(jax.random.key)(seeds))
+    token = sample(out.logits[0], seen, request, jnp.zeros((p,), jnp.int32))
+    status = _status(token, 1, length, c.max_len, request)
+    seen = seen.at[jnp.arange(p), token].set(True)
+
+    put = lambda a, value: a.at[slots].set(value, mode="drop")
+    state = EngineState(
+        cache=SlotCache(k=k, v=v, valid=valid, index=c.index, lengths=put(c.lengths, length)),
+        tokens=put(state.tokens, token), active=put(state.active, status == RUNNING),
+        step=put(state.step, jnp.ones((p,), jnp.int32)), seen=put(state.seen, seen),
+        controls=jax.tree.map(put, state.controls, request))
+    return state, jnp.stack([token, status], axis=1)
 
 
 def _decode(params, expert_views, state: EngineState, keep, *, graphdef, platform: str, rows: int):
@@ -354,6 +397,22 @@ class _Prefill:
     done: int = 0  # prompt tokens written
 
 
+def check_settings(context_length: int, *, flags: bool = False, **settings) -> None:
+    """InputError for engine settings (``slots``, ``max_len``, ``prefill_chunk``, ``max_waiting``) it cannot
+    run with, named as keywords or, with ``flags``, as the command line's ``--flags``."""
+    name = (lambda key: "--" + key.replace("_", "-")) if flags else (lambda key: key)
+    for key, low in (("slots", 1), ("max_len", 2), ("prefill_chunk", MIN_PROMPT_BUCKET), ("max_waiting", 0)):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name(key)} must be an integer >= {low}, got {value!r}")
+    max_len, chunk = settings["max_len"], settings["prefill_chunk"]
+    if max_len > context_length:
+        raise InputError(f"{name('max_len')} {max_len} exceeds the model's context of {context_length} tokens")
+    if chunk & (chunk - 1) or (chunk < max_len and max_len % chunk):
+        raise InputError(f"{name('prefill_chunk')} {chunk} must be a power of two that divides {name('max_len')} "
+                         f"{max_len} or is at least it (a piece of a long prompt must never run past its row)")
+
+
 class Engine:
     """Continuous batching of ``slots`` requests at a time over a model (``from_pretrained``), each request
     using at most ``max_len`` positions (prompt + max_tokens). ``max_waiting``: requests that may wait for a
@@ -362,16 +421,9 @@ class Engine:
     def __init__(self, model, *, slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
                  max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None):
         cfg = model.config
-        for name, value, low in (("slots", slots, 1), ("max_len", max_len, 2), ("prefill_chunk", prefill_chunk, 16),
-                                 ("max_waiting", max_waiting, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-        if max_len > cfg.context_length:
-            raise InputError(f"max_len {max_len} exceeds the model's context of {cfg.context_length} tokens")
-        chunk = min(bucket(prefill_chunk) if prefill_chunk & (prefill_chunk - 1) == 0 else prefill_chunk, max_len)
-        if chunk & (chunk - 1) or chunk < MIN_PROMPT_BUCKET or max_len % chunk:
-            raise InputError(f"prefill_chunk {prefill_chunk} must be a power of two >= {MIN_PROMPT_BUCKET} that "
-                             f"divides max_len {max_len} (a piece of a prompt must never run past its row)")
+        check_settings(cfg.context_length, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk,
+                       max_waiting=max_waiting)
+        chunk = prefill_chunk
         self.model, self.config = model, cfg
         self.slots, self.max_len, self.chunk, self.max_waiting = slots, max_len, chunk, max_waiting
         eos = default_eos_token_ids(model) if eos_token_ids is None else tuple(eos_token_ids)
@@ -393,7 +445,8 @@ class Engine:
                                   **({"out_shardings": shardings} if mesh is not None else {}))
         # Decode steps over the first 1, 2, 4 .. slots rows.
         self.rows = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
-        self._prefill: dict[int, Callable] = {}  # piece length -> compiled step
+        self._packed: dict[int, Callable] = {}  # piece length -> compiled step
+        self._piece: Callable | None = None  # a piece of a prompt longer than prefill_chunk, compiled
         self._decode: dict[int, Callable] = {}  # rows -> compiled step
         self._state = None
         self._lock = threading.Condition()
@@ -407,7 +460,8 @@ class Engine:
         self._stopping = False
         self.error: BaseException | None = None
         self.stats = Stats()
-        self.steps = 0
+        self.steps = 0  # decode steps dispatched
+        self.prefills = 0  # prefill calls dispatched
 
     def _state_shardings(self, mesh):
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -468,8 +522,8 @@ class Engine:
                 self._lock.notify()
 
     def start(self) -> "Engine":
-        """Compiles every step (a decode step per row bucket, a prefill per piece bucket), then starts the loop
-        thread."""
+        """Compiles every step (a decode step per row bucket, a packed prefill per length, the piece of a long
+        prompt) and runs each once, then starts the loop thread."""
         self._compile()
         self._thread = threading.Thread(target=self._run, name="qwen2-jax-engine", daemon=True)
         self._thread.start()
@@ -488,16 +542,39 @@ class Engine:
 
     def _compile(self) -> None:
         """Compiles each step ahead of time (``lower().compile()``) and keeps the executables, which the loop
-        calls directly: no argument's layout or commitment can make a step compile again under load."""
+        calls directly: no argument's layout or commitment can make a step compile again under load. Steps are
+        traced one at a time and compiled on a thread per core (XLA compiles outside the GIL)."""
         self._state = self._fresh_state()
         static = dict(graphdef=self._graphdef, platform=self._platform)
+        lowered = {}
         for t in self.buckets:
+            step = jax.jit(functools.partial(_prefill_packed, **static), donate_argnames=("state",), **self._out)
+            args = self._packed_args([_Prefill(Request([0], SamplingParams(max_tokens=1)), 0)], t)
+            lowered["packed", t] = step.lower(self._params, self._views, self._state, *args)
+        if self.chunk < self.max_len:
             step = jax.jit(functools.partial(_prefill, **static), donate_argnames=("state",), **self._out)
-            args = self._piece_args(_Prefill(Request([0] * t, SamplingParams(max_tokens=1)), 0), t)[0]
-            self._prefill[t] = step.lower(self._params, self._views, self._state, *args).compile()
+            args = self._piece_args(_Prefill(Request([0] * self.chunk, SamplingParams(max_tokens=1)), 0))[0]
+            lowered["piece", None] = step.lower(self._params, self._views, self._state, *args)
         for b in self.rows:
             step = jax.jit(functools.partial(_decode, rows=b, **static), donate_argnames=("state",), **self._out)
-            self._decode[b] = step.lower(self._params, self._views, self._state, np.zeros(self.slots, bool)).compile()
+            lowered["decode", b] = step.lower(self._params, self._views, self._state, np.zeros(self.slots, bool))
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+        self._packed = {t: c for (kind, t), c in compiled.items() if kind == "packed"}
+        self._decode = {b: c for (kind, b), c in compiled.items() if kind == "decode"}
+        self._piece = compiled.get(("piece", None))
+        # Run each executable once: an executable's first run pays for setting itself up (0.6 s of the first
+        # request's time to first token on the quarter config), which a request should not.
+        state = self._state
+        for t, step in self._packed.items():
+            state, _ = step(self._params, self._views, state, *self._packed_args([], t))
+        if self._piece is not None:
+            state, _ = self._piece(self._params, self._views, state, *self._piece_args(
+                _Prefill(Request([0], SamplingParams(max_tokens=1)), 0))[0])
+        for step in self._decode.values():
+            state, _ = step(self._params, self._views, state, np.ones(self.slots, bool))
+        jax.block_until_ready(state)
+        self._state = self._fresh_state()
 
     def _controls(self, p: SamplingParams) -> SlotControls:
         eos = () if p.ignore_eos else (self.eos_token_ids if p.eos_token_ids is None else tuple(p.eos_token_ids))
@@ -508,9 +585,34 @@ class Engine:
                             max_tokens=one(p.max_tokens, np.int32),
                             eos=np.asarray([list(eos) + [-1] * (MAX_EOS - len(eos))], np.int32))
 
-    def _piece_args(self, job: _Prefill, t: int):
-        """The arguments of the prefill of ``job``'s next piece (``t`` tokens, left-padded) after the state;
-        and the number of prompt tokens in it."""
+    def _seed(self, p: SamplingParams) -> int:
+        return random.getrandbits(32) if p.seed is None else p.seed % 2**32
+
+    def _packed_args(self, jobs: list[_Prefill], t: int):
+        """The arguments of ``_prefill_packed`` after the state: ``jobs``' whole prompts in a piece of ``t``."""
+        p = self.segments(t)
+        ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+        segment_ids = np.full((1, t), -1, np.int32)
+        ends, slots = np.zeros(p, np.int32), np.full(p, self.slots, np.int32)
+        controls = [self._controls(SamplingParams(max_tokens=1))] * p
+        seeds = np.zeros(p, np.uint32)
+        at = 0
+        for i, job in enumerate(jobs):
+            n = len(job.request.prompt)
+            ids[0, at:at + n], positions[0, at:at + n], segment_ids[0, at:at + n] = job.request.prompt, np.arange(n), i
+            ends[i], slots[i], at = at + n - 1, job.slot, at + n
+            controls[i], seeds[i] = self._controls(job.request.params), self._seed(job.request.params)
+        controls = jax.tree.map(lambda *rows: np.concatenate(rows), *controls)
+        return ids, positions, segment_ids, ends, slots, controls, seeds
+
+    def segments(self, t: int) -> int:
+        """Prompts a packed piece of ``t`` tokens holds at most."""
+        return min(self.slots, t)
+
+    def _piece_args(self, job: _Prefill):
+        """The arguments of the prefill of ``job``'s next piece (``prefill_chunk`` tokens, left-padded) after
+        the state; and the number of prompt tokens in it."""
+        t = self.chunk
         prompt = job.request.prompt
         n = min(len(prompt) - job.done, t)
         ids = np.zeros((1, t), np.int32)
@@ -519,24 +621,34 @@ class Engine:
         positions = np.zeros((1, t), np.int32)
         positions[0, t - n:] = np.arange(job.done, job.done + n)
         p = job.request.params
-        seed = random.getrandbits(32) if p.seed is None else p.seed % 2**32
         return (np.int32(job.slot), ids, mask, positions, np.int32(job.done), np.bool_(job.done + n == len(prompt)),
-                self._controls(p), np.uint32(seed)), n
+                self._controls(p), np.uint32(self._seed(p))), n
 
-    def _dispatch_piece(self, job: _Prefill, budget: int) -> int:
-        """Writes the next piece of ``job``'s prompt (at most ``budget`` tokens, one bucket); returns its size."""
-        n = min(len(job.request.prompt) - job.done, self.chunk)
-        t = bucket(n, MIN_PROMPT_BUCKET)
-        if t > budget and job.done + n < len(job.request.prompt):
-            return 0
-        args, n = self._piece_args(job, t)
-        last = bool(args[5])
-        self._state, out = self._prefill[t](self._params, self._views, self._state, *args)
-        job.done += n
-        if last:
-            out.copy_to_host_async()
-            self._pending.append((out, "prefill", (job.slot, job.request)))
-        return t
+    def _dispatch_prefill(self) -> None:
+        """One prefill call: the next piece of a prompt longer than ``prefill_chunk`` if one is first in line,
+        else the whole prompts next in line that fit in one packed piece."""
+        self.prefills += 1
+        job = self._prefilling[0]
+        if len(job.request.prompt) > self.chunk:
+            args, n = self._piece_args(job)
+            self._state, out = self._piece(self._params, self._views, self._state, *args)
+            job.done += n
+            if job.done == len(job.request.prompt):
+                self._prefilling.popleft()
+                self._keep[job.slot] = True
+                out.copy_to_host_async()
+                self._pending.append((out, "prefill", [(job.slot, job.request)]))
+            return
+        jobs, total = [], 0
+        while (self._prefilling and len(jobs) < self.segments(self.chunk)
+               and total + len(self._prefilling[0].request.prompt) <= self.chunk):
+            jobs.append(self._prefilling.popleft())
+            total += len(jobs[-1].request.prompt)
+        t = bucket(total, MIN_PROMPT_BUCKET)  # holds min(slots, t) prompts: each has a token at least
+        self._keep[[j.slot for j in jobs]] = True
+        self._state, out = self._packed[t](self._params, self._views, self._state, *self._packed_args(jobs, t))
+        out.copy_to_host_async()
+        self._pending.append((out, "prefill", [(j.slot, j.request) for j in jobs]))
 
     def _dispatch_decode(self, keep: np.ndarray) -> None:
         rows = next(b for b in self.rows if b > np.flatnonzero(keep)[-1])
@@ -577,17 +689,9 @@ class Engine:
                     r = self._waiting.popleft()
                     self._slot_req[slot] = r
                     self._prefilling.append(_Prefill(r, slot))
-        # Prefill: up to a chunk's worth of prompt tokens, then a decode step for the slots already running.
-        budget = self.chunk
-        while self._prefilling and budget > 0:
-            job = self._prefilling[0]
-            used = self._dispatch_piece(job, budget)
-            if used == 0:
-                break
-            budget -= used
-            if job.done == len(job.request.prompt):
-                self._prefilling.popleft()
-                self._keep[job.slot] = True
+        # One prefill call (up to prefill_chunk prompt tokens), then a decode step for the running slots.
+        if self._prefilling:
+            self._dispatch_prefill()
         dispatched = False
         if self._keep.any():
             self._dispatch_decode(self._keep)
@@ -605,9 +709,9 @@ class Engine:
     def _read(self, outputs, kind: str, snapshot) -> None:
         out = np.asarray(outputs)
         if kind == "prefill":
-            slot, r = snapshot
-            self.stats.prompt_tokens += len(r.prompt)
-            self._emit(slot, r, int(out[0]), int(out[1]))
+            for (slot, r), (token, status) in zip(snapshot, out.reshape(-1, 2)):
+                self.stats.prompt_tokens += len(r.prompt)
+                self._emit(slot, r, int(token), int(status))
             return
         for slot, r in enumerate(snapshot):
             if r is not None and out[slot, 1] != IDLE:

@@ -131,10 +131,10 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias, **kw)
         self.o_proj = _linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
-    def __call__(self, x, cos, sin, valid, cache: KVCache | None, layer: int, upto=None):
+    def __call__(self, x, cos, sin, valid, cache: KVCache | None, layer: int, upto=None, segments=None):
         """x: [B, T, H] at slots ``cache.index ..`` (0 without a cache); ``valid [B, S]``: which slots hold real
         tokens. With ``cache``, the new keys go into it at ``layer`` and the queries attend over its slots;
-        without, over the new keys themselves. ``upto``: see ``attention.attention``."""
+        without, over the new keys themselves. ``upto``, ``segments``: see ``attention.attention``."""
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
@@ -145,7 +145,7 @@ class Attention(nnx.Module):
             start = cache.index
             cache = cache.update(layer, k, v)
             k, v = cache.layer(layer)  # [B, Hkv, S, D], [B, Hkv, D, S]
-        out = attention(q, k, v, valid, start, upto=upto)
+        out = attention(q, k, v, valid, start, upto=upto, segments=segments)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
@@ -243,9 +243,9 @@ class DecoderLayer(nnx.Module):
         self.sparse = sparse
 
     def __call__(self, h, cos, sin, valid, cache: KVCache | None, index: int, moe_impl="auto", platform=None,
-                 views=None, upto=None):
+                 views=None, upto=None, segments=None):
         """Returns (h, cache, router_logits [B*T, E] or None for a dense layer)."""
-        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, valid, cache, index, upto)
+        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, valid, cache, index, upto, segments)
         h = h + a
         x = self.post_attention_layernorm(h)
         if self.sparse:
@@ -289,9 +289,13 @@ class Qwen2MoeForCausalLM(nnx.Module):
 
     def forward(self, input_ids, attention_mask=None, *, positions=None, cache: KVCache | None = None,
                 last_only=False, moe_impl="auto", output_router_logits=False, remat=False,
-                platform: str | None = None, expert_views=None) -> Output:
+                platform: str | None = None, expert_views=None, segment_ids=None, logits_at=None) -> Output:
         """The full forward. With ``cache``, the tokens are written at ``cache.index`` and attend to every
         valid slot before them; ``positions`` ([B, T], default 0..T-1 after the cache index) drive RoPE.
+        ``segment_ids`` ([B, T] int32): several sequences packed in a row, each token attending only to the new
+        tokens of its own segment (none of the cache's earlier slots); give each its own ``positions``.
+        ``logits_at`` ([B, N] token indices): logits at these tokens only (e.g. each packed sequence's last);
+        ``last_only``: at the last token.
         ``platform`` ("cpu", "gpu", "tpu"): where the step runs, which picks the MoE dispatch (default: the
         mesh's devices, else the default backend). ``remat``: each layer's activations are recomputed in the
         backward pass."""
@@ -319,6 +323,11 @@ class Qwen2MoeForCausalLM(nnx.Module):
         # Over a long cache, the key blocks past the last query need not be visited, where a loop of a
         # data-dependent length is cheap (attention.blocks_to_visit).
         upto = start + t if cache is not None and blocks_to_visit(platform) == "filled" else None
+        segments = None
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+            segments = (segment_ids, segment_ids if cache is None else jax.lax.dynamic_update_slice(
+                jnp.full(valid.shape, -1, jnp.int32), segment_ids, (0, start)))
 
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(cfg, positions, h.dtype)
@@ -326,12 +335,14 @@ class Qwen2MoeForCausalLM(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             run = _remat_layer if remat else _run_layer
             views = expert_views[i] if expert_views is not None else None
-            h, cache, router = run(layer, h, cos, sin, valid, cache, i, moe_impl, platform, views, upto)
+            h, cache, router = run(layer, h, cos, sin, valid, cache, i, moe_impl, platform, views, upto, segments)
             if router is not None:
                 routers.append(router)
         h = self.model.norm(h)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         weight = self.model.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.operand()  # [V, H]
         logits = quant.einsum("bth,vh->btv", h, weight, h.dtype, out_dtype=jnp.float32)
         if cache is not None:
@@ -340,8 +351,8 @@ class Qwen2MoeForCausalLM(nnx.Module):
         return Output(logits=logits, cache=cache, router_logits=router_logits)
 
 
-def _run_layer(layer, h, cos, sin, valid, cache, index, moe_impl, platform, views=None, upto=None):
-    return layer(h, cos, sin, valid, cache, index, moe_impl, platform, views, upto)
+def _run_layer(layer, h, cos, sin, valid, cache, index, moe_impl, platform, views=None, upto=None, segments=None):
+    return layer(h, cos, sin, valid, cache, index, moe_impl, platform, views, upto, segments)
 
 
 # Recomputes a layer's activations in the backward pass instead of keeping them (training with remat=True).

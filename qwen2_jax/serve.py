@@ -335,9 +335,8 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
             try:
                 if chat:
                     yield chunk([choice("", None, role=True)])
-                async for new, finish in pieces():
-                    if new or finish is not None:
-                        yield chunk([choice(new, finish)])
+                async for new, finish in pieces():  # a chunk per token, as vLLM's: its text may be empty
+                    yield chunk([choice(new, finish)])      # while a character or a stop string is incomplete
                 if include_usage:
                     yield chunk([], usage=usage())
                 yield "data: [DONE]\n\n"
@@ -403,6 +402,8 @@ def prometheus_text(engine) -> str:
     metric("request_success_total", "counter", "finished requests by finish reason",
            [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
     metric("decode_steps_total", "counter", "decode steps dispatched", [("", engine.steps)])
+    metric("prefill_calls_total", "counter", "prefill calls dispatched (each packs whole prompts, or is one "
+           "piece of a longer one)", [("", engine.prefills)])
     metric("compilations_total", "counter", "XLA compilations in this process (constant after start-up)",
            [("", COMPILATIONS["backend"])])
     histogram("time_to_first_token_seconds", "from arrival to the first token", s.ttft)
@@ -423,8 +424,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                         help=f"positions per request, prompt + max_tokens (default {DEFAULT_MAX_LEN}, at most the "
                              "model's context)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
-                        help="prompt tokens prefilled between two decode steps; a power of two dividing --max-len "
-                             "(default 512)")
+                        help="prompt tokens per prefill call, between two decode steps: whole prompts packed "
+                             "together, a longer one in pieces of this size; a power of two that divides --max-len "
+                             "or is at least it (default 512)")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests that may wait for a slot; past it the server answers 503 (default 256)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
@@ -440,7 +442,7 @@ def run(name: str, args) -> int:
         raise InputError("qwen2-jax serve needs fastapi and uvicorn: pip install 'qwen2-jax[serve]'") from None
     from .cli_generate import load_model
     from .config import Qwen2MoeConfig
-    from .engine import Engine
+    from .engine import Engine, check_settings
     from .hf_files import CheckpointError
     from .tokenizer import load_tokenizer
 
@@ -449,8 +451,8 @@ def run(name: str, args) -> int:
     if not 0 <= args.port < 65536:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")
     cfg = Qwen2MoeConfig.from_json(args.checkpoint)
-    if args.max_len > cfg.context_length:
-        raise InputError(f"--max-len {args.max_len} exceeds the model's context of {cfg.context_length} tokens")
+    check_settings(cfg.context_length, flags=True, slots=args.slots, max_len=args.max_len,
+                   prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args, args.checkpoint, cfg)
     eos = [*(model.generation_config.eos_token_id if model.generation_config else ()), *cfg.eos_token_id]
@@ -460,8 +462,9 @@ def run(name: str, args) -> int:
     engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                     max_waiting=args.max_waiting, eos_token_ids=tuple(dict.fromkeys(eos)))
     engine.start()
-    print(f"compiled the decode step and {len(engine.buckets)} prefill buckets ({', '.join(map(str, engine.buckets))})"
-          f" in {time.perf_counter() - start:.1f} s; {args.slots} slots of {args.max_len} positions", file=sys.stderr)
+    print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and packed prefills of "
+          f"{', '.join(map(str, engine.buckets))} tokens in {time.perf_counter() - start:.1f} s; {args.slots} slots "
+          f"of {args.max_len} positions", file=sys.stderr)
     name = args.served_model_name or args.checkpoint
     app = create_app(engine, tokenizer, name, model.generation_config)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -11,10 +11,12 @@ that rate capped at that concurrency. Prompts are random words of exactly ``--in
 one lowercase word after a space, which the tokenizer gives back as they were); every request asks for
 ``--output-len`` tokens, greedy, with ``ignore_eos`` for our server (transformers serve refuses unknown fields;
 a random model meets an end token about once in 150,000 tokens). Reported per side and level: completed and
-failed requests, output tokens/s (all output tokens over the level's wall time), TTFT (request to first text),
-TPOT ((last - first token) / (tokens - 1), per request) and ITL (the gaps between streamed chunks), each as
-mean, p50, p90 and p99. Output tokens: the usage chunk where the server sends one (ours), else one per chunk
-with text (transformers serve ignores ``stream_options``).
+failed requests, output tokens/s (all output tokens over the level's wall time), TTFT (request to the first
+token's chunk), TPOT ((last - first token) / (tokens - 1), per request) and ITL (the gaps between streamed
+chunks), each as
+mean, p50, p90 and p99. Output tokens: the usage chunk where the server sends one (ours), else one per token's
+chunk (transformers serve ignores ``stream_options``). A token's chunk: one with text, or (ours) with none yet
+while a character or a possible stop string is incomplete.
 
 Before the servers, ``qwen2_jax.generate`` measures the decode tokens/s of a batch of 8 (``--output-len`` tokens
 minus one token, as ``qwen2-jax bench``), to compare with our server's decode rate at concurrency 8
@@ -143,7 +145,7 @@ def start_ours(ckpt, args, port, log_dir) -> Server:
     slots = args.slots or max(args.levels)
     max_len = 1 << (args.input_len + args.output_len - 1).bit_length()
     cmd = [sys.executable, "-m", "qwen2_jax.cli", "serve", ckpt, "--port", str(port), "--slots", str(slots),
-           "--max-len", str(max(max_len, 32)), "--prefill-chunk", str(min(512, max(max_len, 32))),
+           "--max-len", str(max(max_len, 32)), "--prefill-chunk", "512",
            "--max-waiting", "1024", "--served-model-name", "bench"]
     return Server("qwen2-jax serve", cmd, port, os.path.join(log_dir, "qwen2-jax-serve.log"),
                   env={"PYTHONPATH": ROOT})
@@ -169,7 +171,9 @@ async def one_request(client, model, prompt, output_len, extra_body) -> dict:
         async for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage.completion_tokens
-            if chunk.choices and chunk.choices[0].text:
+            # A token's chunk: text, or none yet while a character is incomplete (ours sends one per token);
+            # not a closing chunk with only the finish_reason.
+            if chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason is None):
                 times.append(time.perf_counter())
                 tokens += 1
     except Exception as e:  # a failed request is counted, not fatal
@@ -177,7 +181,7 @@ async def one_request(client, model, prompt, output_len, extra_body) -> dict:
     end = time.perf_counter()
     n = usage if usage is not None else tokens
     if not times:
-        return {"ok": False, "error": "no text"}
+        return {"ok": False, "error": "no token chunk"}
     return {"ok": True, "ttft": times[0] - start, "latency": end - start, "tokens": n,
             "tpot": (times[-1] - times[0]) / (n - 1) if n > 1 else None, "itl": np.diff(times).tolist()}
 

@@ -46,6 +46,17 @@ def test_blockwise_attention_equals_the_whole_softmax(t, s, start, block):
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("block", [4, 64])  # key blocks, or all the slots at once
+def test_packed_segments_attend_only_to_themselves(block):
+    q, k, v, valid = _inputs(24, 24, 0, pad=(0,))
+    cuts = [0, 5, 6, 17, 24]  # segments of 5, 1, 11 and 7 tokens
+    segments = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))])[None]
+    got = np.asarray(attention(q, k, v, valid, 0, block=block, segments=(jnp.asarray(segments), jnp.asarray(segments))))
+    for a, b in zip(cuts, cuts[1:]):
+        want = _reference(q[:, a:b], k[:, :, a:b], v[:, :, :, a:b], valid[:, a:b], 0)
+        np.testing.assert_allclose(got[:, a:b], want, rtol=2e-6, atol=2e-6)
+
+
 def test_a_query_that_sees_no_key_outputs_zeros():
     q, k, v, valid = _inputs(4, 16, 0, pad=(0, 3))  # row 1's first three queries are padding
     for block in (4, 64):

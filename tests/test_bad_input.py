@@ -225,6 +225,21 @@ def test_a_bad_generate_flag_is_refused_in_one_line_naming_it(checkpoint, capsys
     assert message in refused(capsys, "generate", checkpoint, "--prompt", "hi", "--max-new-tokens", "4", *argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--slots", "0"], "--slots must be an integer >= 1, got 0"),
+    (["--max-len", "1"], "--max-len must be an integer >= 2, got 1"),
+    (["--max-len", "100000"], "--max-len 100000 exceeds the model's context of"),
+    (["--prefill-chunk", "8"], "--prefill-chunk must be an integer >= 16, got 8"),
+    (["--max-len", "128", "--prefill-chunk", "100"],
+     "--prefill-chunk 100 must be a power of two that divides --max-len 128 or is at least it"),
+    (["--max-len", "96", "--prefill-chunk", "64"], "--prefill-chunk 64 must be a power of two that divides --max-len 96"),
+    (["--max-waiting", "-1"], "--max-waiting must be an integer >= 0, got -1"),
+    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+])
+def test_a_bad_serve_flag_is_refused_in_one_line_before_the_model_loads(checkpoint, capsys, argv, message):
+    assert message in refused(capsys, "serve", checkpoint, *argv)
+
+
 def test_chat_refuses_a_system_message_that_is_not_utf8(checkpoint, capsys):
     assert "--system is not valid UTF-8 text (byte 0xfe at character 2)" in refused(
         capsys, "chat", checkpoint, "--system", "hi\udcfe")

@@ -63,6 +63,19 @@ def test_greedy_tokens_of_a_request_alone_equal_its_tokens_among_15_others_and_g
     assert [tokens for tokens, _ in together] == generate(model, prompts, max_new_tokens=24, eos_token_ids=())
 
 
+def test_waiting_prompts_are_prefilled_together_in_one_packed_call(model):
+    engine = Engine(model, slots=8, max_len=128, prefill_chunk=128, eos_token_ids=())
+    prompts = prompts_of([3, 17, 1, 40, 9, 30], seed=3)  # 100 tokens: one piece of 128
+    requests = [engine.submit(Request(p, SamplingParams(max_tokens=12))) for p in prompts]  # before the loop runs
+    engine.start()
+    try:
+        results = [r.result(timeout=300) for r in requests]
+    finally:
+        engine.stop()
+    assert engine.prefills == 1
+    assert [tokens for tokens, _ in results] == generate(model, prompts, max_new_tokens=12, eos_token_ids=())
+
+
 def test_nothing_compiles_after_start_up_under_a_mixed_load(engine):
     before = engine_module.TRACES.copy(), engine_module.COMPILATIONS.copy()
     sampled = [SamplingParams(max_tokens=n, temperature=t, top_k=k, top_p=p, repetition_penalty=r, seed=s)

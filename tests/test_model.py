@@ -56,6 +56,34 @@ def test_cached_forward_equals_full_forward():
     assert int(out.cache.index) == 9
 
 
+def test_prompts_packed_in_one_row_give_each_its_own_logits_and_keys():
+    """segment_ids: three prompts in one row (and padding) attend only to themselves; logits_at picks each one's
+    last token; the cache holds each prompt's keys at its tokens' slots, as a forward of that prompt alone."""
+    model = init_random(TINY, seed=2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 64, n) for n in (5, 1, 7)]
+    ids = np.zeros((1, 16), np.int32)
+    segments, positions = np.full((1, 16), -1, np.int32), np.zeros((1, 16), np.int32)
+    ends, at = [], 0
+    for i, p in enumerate(prompts):
+        ids[0, at:at + len(p)], segments[0, at:at + len(p)], positions[0, at:at + len(p)] = p, i, np.arange(len(p))
+        at += len(p)
+        ends.append(at - 1)
+    for cache in (None, KVCache.create(model.config, 1, 16)):
+        out = model.forward(jnp.asarray(ids), jnp.asarray(segments >= 0), positions=jnp.asarray(positions),
+                            cache=cache, segment_ids=jnp.asarray(segments), logits_at=jnp.asarray([ends]))
+        assert out.logits.shape == (1, 3, 64)
+        start = 0
+        for i, p in enumerate(prompts):
+            alone = model.forward(jnp.asarray(p[None]), cache=KVCache.create(model.config, 1, len(p)))
+            np.testing.assert_allclose(np.asarray(out.logits[0, i]), np.asarray(alone.logits[0, -1]), rtol=1e-5, atol=1e-5)
+            if cache is not None:
+                for packed, own in zip(out.cache.k, alone.cache.k):
+                    np.testing.assert_allclose(np.asarray(packed[0, :, start:start + len(p)]), np.asarray(own[0]),
+                                               rtol=1e-5, atol=1e-5)
+            start += len(p)
+
+
 def test_random_models_have_unit_norm_scales_and_a_random_lm_head():
     from qwen2_jax.config import Qwen2MoeConfig
     from qwen2_jax.model import init_random

@@ -182,12 +182,13 @@ def test_an_end_token_finishes_with_stop_unless_ignore_eos(client, checkpoint, t
     assert on.choices[0].finish_reason == "length" and on.usage.completion_tokens == 12
 
 
-def test_completions_streamed_and_not_give_the_same_text_and_max_completion_tokens_counts(client):
+def test_completions_streamed_and_not_give_the_same_text_a_chunk_per_token_and_max_completion_tokens_counts(client):
     prompt = "The quick brown fox"
     whole = client.completions.create(prompt=prompt, max_tokens=16, **GREEDY)
     stream = list(client.completions.create(prompt=prompt, max_tokens=16, stream=True, **GREEDY))
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in stream if c.choices[0].finish_reason] == ["length"]
+    assert len(stream) == 16  # a chunk per token, its text empty while a character is incomplete
     assert whole.object == "text_completion" and whole.usage.completion_tokens == 16
     chat = client.chat.completions.create(messages=CHAT, max_completion_tokens=5, **GREEDY)
     assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
