@@ -563,8 +563,7 @@ class Engine:
         self._packed = {t: c for (kind, t), c in compiled.items() if kind == "packed"}
         self._decode = {b: c for (kind, b), c in compiled.items() if kind == "decode"}
         self._piece = compiled.get(("piece", None))
-        # Run each executable once: an executable's first run pays for setting itself up (0.6 s of the first
-        # request's time to first token on the quarter config), which a request should not.
+        # Run each executable once: its first run sets itself up, which no request should wait for.
         state = self._state
         for t, step in self._packed.items():
             state, _ = step(self._params, self._views, state, *self._packed_args([], t))
