@@ -23,8 +23,9 @@ row's tokens after its forward (the padding's slots are then invalid and the nex
 them), so RoPE positions are slot numbers and a request uses exactly ``len(prompt) + max_tokens - 1`` slots.
 
 ``Engine.start`` compiles every step ahead of time (a decode step per row bucket, a packed prefill per length
-16, 32 .. ``prefill_chunk``, and ``_prefill`` when ``prefill_chunk`` < ``max_len``) and the loop calls those executables only; all per-request values are arrays, so
-no load compiles anything after that (``TRACES``, ``COMPILATIONS``).
+16, 32 .. ``prefill_chunk``, and ``_prefill`` when ``prefill_chunk`` < ``max_len``) and the loop calls those
+executables only; all per-request values are arrays, so no load compiles anything after that (``TRACES``,
+``COMPILATIONS``).
 
 The model's forward writes a cache at one scalar index for the whole batch (``KVCache.index``); ``SlotCache``
 writes each row at its own length instead (the decode step puts the forward's causal horizon at the last slot,
@@ -191,8 +192,8 @@ def _new_state(cfg, slots: int, max_len: int, dtype) -> EngineState:
 def _prefill(params, expert_views, state: EngineState, slot, input_ids, attention_mask, positions, write, final,
              request: SlotControls, seed, *, graphdef, platform: str):
     """One piece ``[1, T]`` (left-padded) of a prompt longer than a piece into row ``slot`` at ``write``, with
-    attention over the row's earlier pieces; the first piece (``write`` 0) clears the row. The last piece (``final``) also chooses the first token and turns the slot
-    on. -> (state, [token, status])."""
+    attention over the row's earlier pieces; the first piece (``write`` 0) clears the row. The last piece
+    (``final``) also chooses the first token and turns the slot on. -> (state, [token, status])."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
     t = input_ids.shape[1]
@@ -423,14 +424,13 @@ class Engine:
         cfg = model.config
         check_settings(cfg.context_length, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk,
                        max_waiting=max_waiting)
-        chunk = prefill_chunk
         self.model, self.config = model, cfg
-        self.slots, self.max_len, self.chunk, self.max_waiting = slots, max_len, chunk, max_waiting
+        self.slots, self.max_len, self.chunk, self.max_waiting = slots, max_len, prefill_chunk, max_waiting
         eos = default_eos_token_ids(model) if eos_token_ids is None else tuple(eos_token_ids)
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
         if len(self.eos_token_ids) > MAX_EOS:
             raise InputError(f"at most {MAX_EOS} end tokens, got {len(self.eos_token_ids)}")
-        self.buckets = [b for b in (MIN_PROMPT_BUCKET << i for i in range(32)) if b <= chunk]
+        self.buckets = [b for b in (MIN_PROMPT_BUCKET << i for i in range(32)) if b <= prefill_chunk]
 
         self._graphdef, self._params = nnx.split(model)
         self._views = views.expert_views(model)
@@ -546,34 +546,29 @@ class Engine:
         traced one at a time and compiled on a thread per core (XLA compiles outside the GIL)."""
         self._state = self._fresh_state()
         static = dict(graphdef=self._graphdef, platform=self._platform)
-        lowered = {}
+        steps = {}  # (kind, size) -> (jitted step, its arguments after the state)
         for t in self.buckets:
-            step = jax.jit(functools.partial(_prefill_packed, **static), donate_argnames=("state",), **self._out)
-            args = self._packed_args([_Prefill(Request([0], SamplingParams(max_tokens=1)), 0)], t)
-            lowered["packed", t] = step.lower(self._params, self._views, self._state, *args)
+            steps["packed", t] = (jax.jit(functools.partial(_prefill_packed, **static), donate_argnames=("state",),
+                                          **self._out), self._packed_args([], t))
         if self.chunk < self.max_len:
-            step = jax.jit(functools.partial(_prefill, **static), donate_argnames=("state",), **self._out)
-            args = self._piece_args(_Prefill(Request([0] * self.chunk, SamplingParams(max_tokens=1)), 0))[0]
-            lowered["piece", None] = step.lower(self._params, self._views, self._state, *args)
+            steps["piece", None] = (jax.jit(functools.partial(_prefill, **static), donate_argnames=("state",),
+                                            **self._out),
+                                    self._piece_args(_Prefill(Request([0], SamplingParams(max_tokens=1)), 0))[0])
         for b in self.rows:
-            step = jax.jit(functools.partial(_decode, rows=b, **static), donate_argnames=("state",), **self._out)
-            lowered["decode", b] = step.lower(self._params, self._views, self._state, np.zeros(self.slots, bool))
+            steps["decode", b] = (jax.jit(functools.partial(_decode, rows=b, **static), donate_argnames=("state",),
+                                          **self._out), (np.zeros(self.slots, bool),))
+        lowered = [step.lower(self._params, self._views, self._state, *args) for step, args in steps.values()]
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+            compiled = dict(zip(steps, pool.map(lambda low: low.compile(), lowered)))
+        # Run each executable once: its first run sets itself up, which no request should wait for.
+        state = self._state
+        for key, (_, args) in steps.items():
+            state, _ = compiled[key](self._params, self._views, state, *args)
+        jax.block_until_ready(state)
+        self._state = self._fresh_state()
         self._packed = {t: c for (kind, t), c in compiled.items() if kind == "packed"}
         self._decode = {b: c for (kind, b), c in compiled.items() if kind == "decode"}
         self._piece = compiled.get(("piece", None))
-        # Run each executable once: its first run sets itself up, which no request should wait for.
-        state = self._state
-        for t, step in self._packed.items():
-            state, _ = step(self._params, self._views, state, *self._packed_args([], t))
-        if self._piece is not None:
-            state, _ = self._piece(self._params, self._views, state, *self._piece_args(
-                _Prefill(Request([0], SamplingParams(max_tokens=1)), 0))[0])
-        for step in self._decode.values():
-            state, _ = step(self._params, self._views, state, np.ones(self.slots, bool))
-        jax.block_until_ready(state)
-        self._state = self._fresh_state()
 
     def _controls(self, p: SamplingParams) -> SlotControls:
         eos = () if p.ignore_eos else (self.eos_token_ids if p.eos_token_ids is None else tuple(p.eos_token_ids))
@@ -589,7 +584,7 @@ class Engine:
 
     def _packed_args(self, jobs: list[_Prefill], t: int):
         """The arguments of ``_prefill_packed`` after the state: ``jobs``' whole prompts in a piece of ``t``."""
-        p = self.segments(t)
+        p = self._segments(t)
         ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
         segment_ids = np.full((1, t), -1, np.int32)
         ends, slots = np.zeros(p, np.int32), np.full(p, self.slots, np.int32)
@@ -604,7 +599,7 @@ class Engine:
         controls = jax.tree.map(lambda *rows: np.concatenate(rows), *controls)
         return ids, positions, segment_ids, ends, slots, controls, seeds
 
-    def segments(self, t: int) -> int:
+    def _segments(self, t: int) -> int:
         """Prompts a packed piece of ``t`` tokens holds at most."""
         return min(self.slots, t)
 
@@ -639,7 +634,7 @@ class Engine:
                 self._pending.append((out, "prefill", [(job.slot, job.request)]))
             return
         jobs, total = [], 0
-        while (self._prefilling and len(jobs) < self.segments(self.chunk)
+        while (self._prefilling and len(jobs) < self._segments(self.chunk)
                and total + len(self._prefilling[0].request.prompt) <= self.chunk):
             jobs.append(self._prefilling.popleft())
             total += len(jobs[-1].request.prompt)

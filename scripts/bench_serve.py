@@ -13,10 +13,9 @@ one lowercase word after a space, which the tokenizer gives back as they were); 
 a random model meets an end token about once in 150,000 tokens). Reported per side and level: completed and
 failed requests, output tokens/s (all output tokens over the level's wall time), TTFT (request to the first
 token's chunk), TPOT ((last - first token) / (tokens - 1), per request) and ITL (the gaps between streamed
-chunks), each as
-mean, p50, p90 and p99. Output tokens: the usage chunk where the server sends one (ours), else one per token's
-chunk (transformers serve ignores ``stream_options``). A token's chunk: one with text, or (ours) with none yet
-while a character or a possible stop string is incomplete.
+chunks), each as mean, p50, p90 and p99. Output tokens: the usage chunk where the server sends one (ours), else
+one per token's chunk (transformers serve ignores ``stream_options``). A token's chunk: one with text, or (ours)
+with none yet while a character or a possible stop string is incomplete.
 
 Before the servers, ``qwen2_jax.generate`` measures the decode tokens/s of a batch of 8 (``--output-len`` tokens
 minus one token, as ``qwen2-jax bench``), to compare with our server's decode rate at concurrency 8

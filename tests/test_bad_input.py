@@ -232,7 +232,8 @@ def test_a_bad_generate_flag_is_refused_in_one_line_naming_it(checkpoint, capsys
     (["--prefill-chunk", "8"], "--prefill-chunk must be an integer >= 16, got 8"),
     (["--max-len", "128", "--prefill-chunk", "100"],
      "--prefill-chunk 100 must be a power of two that divides --max-len 128 or is at least it"),
-    (["--max-len", "96", "--prefill-chunk", "64"], "--prefill-chunk 64 must be a power of two that divides --max-len 96"),
+    (["--max-len", "96", "--prefill-chunk", "64"],
+     "--prefill-chunk 64 must be a power of two that divides --max-len 96"),
     (["--max-waiting", "-1"], "--max-waiting must be an integer >= 0, got -1"),
     (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
 ])

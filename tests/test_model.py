@@ -76,7 +76,8 @@ def test_prompts_packed_in_one_row_give_each_its_own_logits_and_keys():
         start = 0
         for i, p in enumerate(prompts):
             alone = model.forward(jnp.asarray(p[None]), cache=KVCache.create(model.config, 1, len(p)))
-            np.testing.assert_allclose(np.asarray(out.logits[0, i]), np.asarray(alone.logits[0, -1]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(out.logits[0, i]), np.asarray(alone.logits[0, -1]),
+                                       rtol=1e-5, atol=1e-5)
             if cache is not None:
                 for packed, own in zip(out.cache.k, alone.cache.k):
                     np.testing.assert_allclose(np.asarray(packed[0, :, start:start + len(p)]), np.asarray(own[0]),
