@@ -5,7 +5,9 @@ XLA compiles for an H200, an H100 or a TPU slice without one: a compile-only CUD
 config (``qwen2_jax/targets/``, needs the ``jax-cuda13-plugin``/``-pjrt`` wheels of the ``aot`` extra) and a
 deviceless TPU topology (``libtpu``). The function compiled is the real jitted one, on abstract arguments
 placed as ``generate`` places them: the decode loop by default (its body is one step), the prefill with
-``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats). Nothing is allocated.
+``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats); with ``--engine``, the steps of
+``qwen2-jax serve`` instead (``qwen2_jax.engine``: a decode step over the first ``--batch`` of ``--slots`` rows,
+or the packed prefill of a ``--prompt-len`` piece). Nothing is allocated.
 
 From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
 one step), ``weight_copy_bytes``, ``kernels_per_step``, ``flops_per_step`` and the collectives; from
@@ -17,6 +19,7 @@ and ``est_tokens_per_s`` are estimates from the data sheet's bandwidth and peak 
     qwen2-jax aot --target v5p-8 --mesh expert=4 --batch 64
     qwen2-jax aot --target h200 --prompt-len 2048 --dump-hlo /tmp/hlo
     qwen2-jax aot --target h200 --prompt-len 65536 --config qwen2-57b-a14b-instruct-yarn   # its chunk step
+    qwen2-jax aot --target h200 --engine --slots 64 --batch 16   # the serving engine's decode step, 16 rows busy
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class Request:
     dtype: str = "bfloat16"
     config: str = "qwen2-57b-a14b-instruct"
     quantize: str | None = None  # "int8", "fp8", "int8:BLOCK": weight-only quantization (qwen2_jax.quant)
+    engine: bool = False  # the serving engine's steps (qwen2_jax.engine) instead of generate's
+    slots: int | None = None  # engine: its decode slots (default: batch); a decode step runs over batch of them
 
 
 def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_device: int, cache_len: int,
@@ -129,6 +134,54 @@ def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_d
             total += nbytes
     kv = 2 * cfg.num_hidden_layers * batch_per_device * kv_heads_per_device * cache_len * cfg.head_dim * itemsize
     return total + kv
+
+
+def _engine_step(req: Request, cfg, graphdef, params, mesh, device, dtype, platform: str, max_len: int):
+    """The serving engine's step, lowered: a decode step over the first ``req.batch`` of ``req.slots`` slots, or
+    (``req.prompt_len``) the packed prefill of a piece of that many tokens, padded as the engine pads it.
+    -> (lowered, step name, the piece's length)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from . import engine as eng
+    from .generate import MIN_PROMPT_BUCKET, bucket
+
+    slots = req.slots or req.batch
+    if req.batch > slots:
+        raise AotError(f"--batch {req.batch} is more rows than the engine's --slots {slots}")
+    if mesh is not None and slots % mesh.shape["data"]:
+        raise AotError(f"slots {slots} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    if mesh is not None:
+        shard = eng.state_shardings(cfg, mesh, slots)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+        replicated = jax.sharding.SingleDeviceSharding(device)
+        shard = jax.tree.map(lambda _: replicated, eng.abstract_state(cfg, slots, max_len, dtype))
+    state = eng.abstract_state(cfg, slots, max_len, dtype, shard)
+    arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
+    static = dict(graphdef=graphdef, platform=platform)
+    keep = arg((slots,), jnp.bool_)
+    # As the engine compiles them: the widest decode step chooses the state's layouts, the others take them.
+    widest = eng.jit_step(eng._decode, eng.state_formats(state), replicated, rows=slots, **static).lower(
+        params, None, state, keep)
+    if not req.prompt_len and req.batch == slots:
+        return widest, "serve-decode", 1
+    formats = eng.state_formats(state, chosen=widest.compile().input_formats[0][2])
+    if not req.prompt_len:
+        step = eng.jit_step(eng._decode, formats, replicated, rows=req.batch, **static)
+        return step.lower(params, None, state, keep), "serve-decode", 1
+    t = bucket(req.prompt_len, MIN_PROMPT_BUCKET)
+    p = min(slots, t)  # prompts a piece holds at most, as the engine packs them
+    controls = eng.SlotControls(
+        temperature=arg((p,), jnp.float32), top_k=arg((p,), jnp.int32), top_p=arg((p,), jnp.float32),
+        repetition_penalty=arg((p,), jnp.float32), keys=arg((p,), jnp.uint32), max_tokens=arg((p,), jnp.int32),
+        eos=arg((p, eng.MAX_EOS), jnp.int32))
+    piece = arg((1, t), jnp.int32)
+    step = eng.jit_step(eng._prefill_packed, formats, replicated, **static)
+    lowered = step.lower(params, None, state, piece, piece, piece, arg((p,), jnp.int32), arg((p,), jnp.int32),
+                         controls, arg((p,), np.uint32))
+    return lowered, "serve-prefill", t
 
 
 def _first_line(e: BaseException) -> str:
@@ -192,7 +245,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     chunk = gen.chunk_length(req.prefill_chunk or gen.PREFILL_CHUNK, b)
     # The prompt as generate pads it: a power of two, or whole chunks beyond one chunk.
     chunks = 0
-    if req.prompt_len and gen.bucket(req.prompt_len, gen.MIN_PROMPT_BUCKET) > chunk:
+    if req.prompt_len and not req.engine and gen.bucket(req.prompt_len, gen.MIN_PROMPT_BUCKET) > chunk:
         t, chunks = chunk, -(-req.prompt_len // chunk)
     else:
         t = gen.bucket(req.prompt_len or 16, gen.MIN_PROMPT_BUCKET)
@@ -200,7 +253,8 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     if req.prompt_len and req.prompt_len > cfg.context_length:
         raise AotError(f"--prompt-len {req.prompt_len} exceeds the context of {cfg.context_length} tokens of "
                        f"{req.config}")
-    max_len = req.cache_len or (gen.cache_length(padded, cfg.context_length, chunk) if req.prompt_len else 4096)
+    max_len = req.cache_len or (gen.cache_length(padded, cfg.context_length, chunk)
+                                if req.prompt_len and not req.engine else max(4096, padded))
     if req.prompt_len and padded > max_len:
         raise AotError(f"--prompt-len {req.prompt_len} exceeds --cache-len {max_len}")
     platform = moe.canonical_platform(devs[0].platform)
@@ -219,7 +273,9 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     static = dict(sampler=sampler, platform=platform)
 
     start = time.perf_counter()
-    if chunks:  # generate's chunk step, run chunks - 1 times before a last chunk like it
+    if req.engine:
+        lowered, step, t = _engine_step(req, cfg, graphdef, params, mesh, devs[0], dtype, platform, max_len)
+    elif chunks:  # generate's chunk step, run chunks - 1 times before a last chunk like it
         cache, seen = jax.eval_shape(lambda: gen._new_cache(cfg, b, max_len, dtype))
         if mesh is not None:
             cache = jax.tree.map(placed, cache, cache_sharding)
@@ -249,18 +305,20 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
             raise
         compiled, fits_error = None, _first_line(e)
     compile_s = time.perf_counter() - start
-    step = "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
+    if not req.engine:
+        step = "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
     result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
                   devices=len(devs) if mesh is not None else 1, batch=b, step=step, prompt_len=req.prompt_len,
                   chunks=chunks or None, cache_len=max_len, dtype=req.dtype, config=req.config,
-                  quantize=req.quantize,
+                  quantize=req.quantize, slots=(req.slots or b) if req.engine else None,
                   attention=f"xla blockwise, {blocks_to_visit(platform)} key blocks of {BLOCK}",
                   compile_s=round(compile_s, 1))
     kv_heads = cfg.num_key_value_heads
     if mesh is not None and cfg.num_key_value_heads % mesh.shape["tensor"] == 0:
         kv_heads //= mesh.shape["tensor"]
-    per_dev_batch = b // (mesh.shape["data"] if mesh is not None else 1)
-    tokens = b * (t if req.prompt_len else 1)  # a step's tokens: the prompt, one chunk of it, or one a row
+    rows = 1 if req.engine and req.prompt_len else b  # the engine packs its prompts into one row
+    per_dev_batch = rows // (mesh.shape["data"] if mesh is not None else 1)
+    tokens = rows * (t if req.prompt_len else 1)  # a step's tokens: the prompt, one chunk of it, or one a row
     result["roofline_bytes"] = roofline_bytes(cfg, pshard, itemsize, tokens, per_dev_batch,
                                               t if req.prompt_len and not chunks else max_len, kv_heads)
     if compiled is None:
@@ -278,9 +336,10 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     # holds (the last chunk's); over the distinct experts chosen, once per expert the step's tokens can touch
     # on a device. The decode loop's body is the step.
     local_experts = cfg.num_experts // (mesh.shape["expert"] if mesh is not None else 1)
-    bound = lambda functions: (-(-max_len // BLOCK) if "_attend_blocks" in functions
+    horizon = t if req.engine and req.prompt_len else max_len  # the engine's packed piece has a cache of its own
+    bound = lambda functions: (-(-horizon // BLOCK) if "_attend_blocks" in functions
                                else min(local_experts, tokens * cfg.num_experts_per_tok))
-    report = hlo_cost.analyze(text, set(range(len(jax.tree.leaves(params)))), step_loop=not req.prompt_len,
+    report = hlo_cost.analyze(text, set(range(len(jax.tree.leaves(params)))), step_loop=not (req.prompt_len or req.engine),
                               loop_bound=bound)
     weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
                   for p, shape in iter_params(cfg))
@@ -357,6 +416,11 @@ def add_arguments(name: str, parser) -> None:
                         help="weight-only quantization of the projections: int8, fp8 or int8:BLOCK (docs/quantization.md)")
     parser.add_argument("--config", default="qwen2-57b-a14b-instruct",
                         help="an embedded config name or a config.json (default: the full Qwen2-57B-A14B)")
+    parser.add_argument("--engine", action="store_true",
+                        help="compile the serving engine's steps (qwen2-jax serve) instead of generate's: its decode "
+                             "step over --batch of --slots rows, or with --prompt-len its packed prefill")
+    parser.add_argument("--slots", type=_positive, default=None, metavar="N",
+                        help="with --engine: the engine's decode slots (default: the batch)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each optimized HLO text to DIR")
 
@@ -376,7 +440,8 @@ def _positive(text: str) -> int:
 def run(name, args) -> int:
     results = [compile_step(Request(target=args.target, mesh=args.mesh, batch=b, prompt_len=args.prompt_len,
                                     cache_len=args.cache_len, dtype=args.dtype, config=args.config,
-                                    prefill_chunk=args.prefill_chunk, quantize=args.quantize),
+                                    prefill_chunk=args.prefill_chunk, quantize=args.quantize, engine=args.engine,
+                                    slots=args.slots),
                             dump_hlo=args.dump_hlo)
                for b in (args.batch or [1])]
     if args.json == "-":

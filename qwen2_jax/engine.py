@@ -38,6 +38,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import itertools
 import os
 import queue
@@ -50,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from . import moe, views
 from .cache import KVCache
@@ -308,6 +310,50 @@ def _decode(params, expert_views, state: EngineState, keep, *, graphdef, platfor
     return state, outputs
 
 
+def state_shardings(cfg, mesh, slots: int) -> EngineState:
+    """How the engine's state lies on ``mesh``: slots over the data axis, the cache as ``generate``'s."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from .sharding import batch_sharding, cache_shardings
+
+    cs = cache_shardings(cfg, mesh, slots)
+    rows = batch_sharding(mesh)
+    rows2 = NamedSharding(mesh, P("data", None))
+    return EngineState(
+        cache=SlotCache(k=cs.k, v=cs.v, valid=cs.valid, index=cs.index, lengths=rows), tokens=rows, active=rows,
+        step=rows, seen=rows2, controls=SlotControls(temperature=rows, top_k=rows, top_p=rows,
+                                                     repetition_penalty=rows, keys=rows, max_tokens=rows, eos=rows2))
+
+
+def abstract_state(cfg, slots: int, max_len: int, dtype, shardings: EngineState | None = None) -> EngineState:
+    """The state's shapes and dtypes (placed by ``shardings``, from ``state_shardings``), allocating nothing."""
+    state = jax.eval_shape(functools.partial(_new_state, cfg, slots, max_len, dtype))
+    if shardings is None:
+        return state
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def state_formats(state: EngineState, chosen: EngineState | None = None) -> EngineState:
+    """How the steps take and return the state: each array placed as ``state``'s (abstract, with shardings), the
+    KV cache in the layouts of ``chosen`` (a compiled step's ``input_formats``), or left to the compiler
+    (``Layout.AUTO``). XLA:TPU reads the cache in a layout of its own (V with D minor); given the default
+    row-major one, every step would lay the whole cache out again: 7.5 GB a chip at 16 rows of 64 of the full
+    model on a v5p-8 (docs/serving.md)."""
+    formats = jax.tree.map(lambda x: x.sharding, state)
+    layout = lambda name, i: Layout.AUTO if chosen is None else getattr(chosen.cache, name)[i].layout
+    k, v = (tuple(Format(layout(name, i), x.sharding) for i, x in enumerate(getattr(state.cache, name)))
+            for name in ("k", "v"))
+    return dataclasses.replace(formats, cache=dataclasses.replace(formats.cache, k=k, v=v))
+
+
+def jit_step(fn, formats: EngineState, replicated=None, **static):
+    """``fn`` (``_decode``, ``_prefill_packed`` or ``_prefill``) jitted with its static arguments, the state
+    (its third argument) donated and taken and returned in ``formats``; its other arguments as they come."""
+    rest = sum(1 for p in inspect.signature(fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD) - 3
+    return jax.jit(functools.partial(fn, **static), donate_argnames=("state",),
+                   in_shardings=(None, None, formats) + (None,) * rest, out_shardings=(formats, replicated))
+
+
 # ---- requests -----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -436,13 +482,17 @@ class Engine:
         self._views = views.expert_views(model)
         self._platform = moe.platform_of(self._params)
         mesh = getattr(model, "mesh", None)
-        shardings = self._state_shardings(mesh) if mesh is not None else None
         if mesh is not None and slots % mesh.shape["data"]:
             raise InputError(f"slots {slots} must be a multiple of the mesh's data axis ({mesh.shape['data']})")
-        self._out = {} if mesh is None else dict(out_shardings=(
-            shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-        self._new_state = jax.jit(_new_state, static_argnums=(0, 1, 2, 3),
-                                  **({"out_shardings": shardings} if mesh is not None else {}))
+        if mesh is None:
+            device = next(iter(jax.tree.leaves(self._params)[0].sharding.device_set))
+            self._replicated = jax.sharding.SingleDeviceSharding(device)
+            self._shardings = jax.tree.map(lambda _: self._replicated,
+                                           abstract_state(cfg, slots, max_len, model.dtype))
+        else:
+            self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._shardings = state_shardings(cfg, mesh, slots)
+        self._new_state = None  # jitted by _compile, to lay the state out as the steps read it
         # Decode steps over the first 1, 2, 4 .. slots rows.
         self.rows = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
         self._packed: dict[int, Callable] = {}  # piece length -> compiled step
@@ -462,20 +512,6 @@ class Engine:
         self.stats = Stats()
         self.steps = 0  # decode steps dispatched
         self.prefills = 0  # prefill calls dispatched
-
-    def _state_shardings(self, mesh):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        from .sharding import batch_sharding, cache_shardings
-
-        cs = cache_shardings(self.config, mesh, self.slots)
-        rows = batch_sharding(mesh)
-        rows2 = NamedSharding(mesh, P("data", None))
-        return EngineState(
-            cache=SlotCache(k=cs.k, v=cs.v, valid=cs.valid, index=cs.index, lengths=rows), tokens=rows, active=rows,
-            step=rows, seen=rows2, controls=SlotControls(temperature=rows, top_k=rows, top_p=rows,
-                                                         repetition_penalty=rows, keys=rows, max_tokens=rows,
-                                                         eos=rows2))
 
     # ---- the public side (any thread) ----
     @property
@@ -544,22 +580,31 @@ class Engine:
         """Compiles each step ahead of time (``lower().compile()``) and keeps the executables, which the loop
         calls directly: no argument's layout or commitment can make a step compile again under load. Steps are
         traced one at a time and compiled on a thread per core (XLA compiles outside the GIL)."""
-        self._state = self._fresh_state()
         static = dict(graphdef=self._graphdef, platform=self._platform)
+        keep = np.zeros(self.slots, bool)
+        # The widest decode step first, the state's layouts left to the compiler; every other step takes and
+        # returns the state in the layouts it chose, and the state is made in them.
+        widest = max(self.rows)
+        abstract = abstract_state(self.config, self.slots, self.max_len, self.model.dtype, self._shardings)
+        first = jit_step(_decode, state_formats(abstract), self._replicated, rows=widest, **static).lower(
+            self._params, self._views, abstract, keep).compile()
+        formats = state_formats(abstract, chosen=first.input_formats[0][2])
+        self._new_state = jax.jit(_new_state, static_argnums=(0, 1, 2, 3), out_shardings=formats)
+        self._state = self._fresh_state()
         steps = {}  # (kind, size) -> (jitted step, its arguments after the state)
         for t in self.buckets:
-            steps["packed", t] = (jax.jit(functools.partial(_prefill_packed, **static), donate_argnames=("state",),
-                                          **self._out), self._packed_args([], t))
+            steps["packed", t] = (jit_step(_prefill_packed, formats, self._replicated, **static),
+                                  self._packed_args([], t))
         if self.chunk < self.max_len:
-            steps["piece", None] = (jax.jit(functools.partial(_prefill, **static), donate_argnames=("state",),
-                                            **self._out),
+            steps["piece", None] = (jit_step(_prefill, formats, self._replicated, **static),
                                     self._piece_args(_Prefill(Request([0], SamplingParams(max_tokens=1)), 0))[0])
         for b in self.rows:
-            steps["decode", b] = (jax.jit(functools.partial(_decode, rows=b, **static), donate_argnames=("state",),
-                                          **self._out), (np.zeros(self.slots, bool),))
-        lowered = [step.lower(self._params, self._views, self._state, *args) for step, args in steps.values()]
+            steps["decode", b] = (jit_step(_decode, formats, self._replicated, rows=b, **static), (keep,))
+        todo = [key for key in steps if key != ("decode", widest)]
+        lowered = [steps[key][0].lower(self._params, self._views, self._state, *steps[key][1]) for key in todo]
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            compiled = dict(zip(steps, pool.map(lambda low: low.compile(), lowered)))
+            compiled = dict(zip(todo, pool.map(lambda low: low.compile(), lowered)))
+        compiled["decode", widest] = first
         # Run each executable once: its first run sets itself up, which no request should wait for.
         state = self._state
         for key, (_, args) in steps.items():

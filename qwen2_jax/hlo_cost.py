@@ -5,7 +5,8 @@ collective, or an unfused op. For each one this counts the bytes it reads and wr
 
 - a fusion reads each operand in full, except where every use inside it is a (dynamic-)slice or gather: then
   only the sliced bytes (a weight picked out of a larger array in place); an operand updated in place by a
-  dynamic-update-slice is not read, and only the update is written;
+  dynamic-update-slice is not read, and only the update is written; a convolution whose input is cut by
+  negative padding reads only the rows its window reaches (XLA:TPU's form of a product over a slice);
 - loops weigh their bodies by the trip count XLA annotated (or, on TPU, the ``i < N`` of a counted loop); a
   data-dependent ``while_loop`` counts as ``loop_bound`` trips (1 when not given; a callable gets the names of
   the Python functions that made the loop, innermost first, from the HLO's stack frames), except, with
@@ -322,6 +323,8 @@ class Analyzer:
                 total += u.bytes
             elif u.opcode in ("dynamic-update-slice", "scatter") and u.operands[0] == name:
                 continue  # updated in place: the buffer is the output's
+            elif u.opcode == "convolution" and u.operands[0] == name and instr is not None:
+                total += math.ceil(full * _lhs_kept(u, _dims(instr.shape)))
             elif u.opcode == "fusion":
                 nested = self.comps.get((u.calls("calls") or [""])[0])
                 if nested is None:
@@ -563,6 +566,26 @@ def _dims(shape: str) -> list[int]:
     """The dimensions of an array shape string."""
     m = _ARRAY.search(shape)
     return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _lhs_kept(conv: Instr, lhs: list[int]) -> float:
+    """The fraction of its input (of dimensions ``lhs``) a convolution reads: XLA:TPU writes a batched product
+    over the first rows of a larger array (a decode step over the live slots of a cache) as a convolution whose
+    dilated input is cut by negative padding, a slice folded into the window."""
+    window = re.search(r"window=\{([^}]*)\}", conv.attrs)
+    labels = re.search(r"dim_labels=(\w+)_", conv.attrs)
+    if not window or not labels or len(labels.group(1)) != len(lhs):
+        return 1.0
+    fields = dict(f.split("=", 1) for f in window.group(1).split() if "=" in f)
+    spatial = [lhs[i] for i, c in enumerate(labels.group(1)) if c.isdigit()]
+    pads = [tuple(int(x) for x in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields else []
+    dilate = [int(x) for x in fields["lhs_dilate"].split("x")] if "lhs_dilate" in fields else [1] * len(spatial)
+    kept = 1.0
+    for n, (lo, hi), d in zip(spatial, pads, dilate):
+        first, last = max(0, -lo), (n - 1) * d - max(0, -hi)  # the dilated positions the window can reach
+        rows = last // d - -(-first // d) + 1 if last >= first else 0
+        kept *= max(0, min(n, rows)) / n
+    return kept
 
 
 def _tuple_element(shape: str, index: int) -> str:

@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, help="requests per level (default: 2 x concurrency, at least 4)")
     p.add_argument("--request-rate", type=float, help="Poisson arrivals per second (default: all at once)")
     p.add_argument("--slots", type=int, help="our server's --slots (default: the highest concurrency)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="our server's --prefill-chunk (default 512)")
     p.add_argument("--hf", dest="hf", action="store_true", default=None, help="also transformers serve")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="our server only")
     p.add_argument("--no-generate", action="store_true", help="skip the generate batch-8 reference")
@@ -144,7 +145,7 @@ def start_ours(ckpt, args, port, log_dir) -> Server:
     slots = args.slots or max(args.levels)
     max_len = 1 << (args.input_len + args.output_len - 1).bit_length()
     cmd = [sys.executable, "-m", "qwen2_jax.cli", "serve", ckpt, "--port", str(port), "--slots", str(slots),
-           "--max-len", str(max(max_len, 32)), "--prefill-chunk", "512",
+           "--max-len", str(max(max_len, 32)), "--prefill-chunk", str(args.prefill_chunk),
            "--max-waiting", "1024", "--served-model-name", "bench"]
     return Server("qwen2-jax serve", cmd, port, os.path.join(log_dir, "qwen2-jax-serve.log"),
                   env={"PYTHONPATH": ROOT})

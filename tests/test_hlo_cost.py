@@ -136,3 +136,28 @@ def test_a_data_dependent_loop_is_bounded_by_the_python_function_that_made_it():
     assert seen and "attend_blocks" in seen[0] and bounded.unknown_trip_loops == 1
     # the body's kernels run 7 times instead of once; the condition's 8 instead of 2
     assert {k.runs for k in bounded.kernels} - {1.0} == {7.0, 8.0} and {k.runs for k in once.kernels} == {1.0, 2.0}
+
+
+def test_a_convolution_cut_by_negative_padding_reads_only_the_rows_its_window_reaches():
+    """XLA:TPU writes the engine's decode over its first 16 of 64 slots as this convolution (lhs dilated by 16,
+    768 positions cut off the end): out[s] = x[s] @ w[s] for s < 16, so it reads a quarter of x."""
+    text = """HloModule conv
+
+%fused_conv (p0: bf16[64,128,256], p1: bf16[16,7,256]) -> bf16[16,128,7] {
+  %p0 = bf16[64,128,256]{2,1,0} parameter(0)
+  %p1 = bf16[16,7,256]{2,1,0} parameter(1)
+  ROOT %conv = bf16[16,128,7]{2,1,0} convolution(%p0, %p1), window={size=16 stride=15 pad=0_-768 lhs_dilate=16}, dim_labels=0bf_0oi->0bf
+}
+
+ENTRY %main (x: bf16[64,128,256], w: bf16[16,7,256]) -> bf16[16,128,7] {
+  %x = bf16[64,128,256]{2,1,0} parameter(0)
+  %w = bf16[16,7,256]{2,1,0} parameter(1)
+  ROOT %fusion = bf16[16,128,7]{2,1,0} fusion(%x, %w), kind=kOutput, calls=%fused_conv
+}
+"""
+    (kernel,) = hlo_cost.analyze(text).kernels
+    assert kernel.read == 16 * 128 * 256 * 2 + 16 * 7 * 256 * 2
+    assert kernel.written == 16 * 128 * 7 * 2
+    uncut = text.replace(" pad=0_-768", "").replace("bf16[16,128,7]", "bf16[64,128,7]")
+    (kernel,) = hlo_cost.analyze(uncut).kernels
+    assert kernel.read == 64 * 128 * 256 * 2 + 16 * 7 * 256 * 2
