@@ -27,6 +27,11 @@ them), so RoPE positions are slot numbers and a request uses exactly ``len(promp
 executables only; all per-request values are arrays, so no load compiles anything after that (``TRACES``,
 ``COMPILATIONS``).
 
+The widest decode step is compiled first with the KV cache's layout left to the compiler, and every other step,
+and the function that makes the state, take and return the cache in the layout it chose: XLA:TPU keeps V with
+its head dimension minor, and a step handed the row-major default would lay the whole cache out again on every
+call (docs/serving.md).
+
 The model's forward writes a cache at one scalar index for the whole batch (``KVCache.index``); ``SlotCache``
 writes each row at its own length instead (the decode step puts the forward's causal horizon at the last slot,
 so that only ``valid`` masks, and its one-column write a no-op).

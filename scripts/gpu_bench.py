@@ -11,7 +11,10 @@ the torch process never hold the GPU at the same time; this process only orchest
    minus ``generate`` of one token, from ``--prompt-len``-token prompts), prefill tokens/s over
    ``--prefill-len`` tokens, time to first token from a ``--prefill-len`` prompt; each decode figure with its
    share of the HBM roofline (bytes of weights a step reads / ``--hbm-gbs``). Then the same at a truncated
-   depth (``--compare-layers``) for the comparison with transformers.
+   depth (``--compare-layers``) for the comparison with transformers. Between the two, the serving engine
+   (``qwen2-jax serve``'s, without HTTP): ``--serve-slots`` requests of ``--prompt-len`` tokens at once into as
+   many slots, its decode tokens/s while every slot is busy against ``generate``'s at that batch, its start-up
+   (compiling every step) and time to first token.
 2. ``--phase hf``: transformers at the truncated depth, random bf16 weights, the same workloads.
 3. the report: one table, the targets, and one JSON file (``--json``).
 
@@ -38,12 +41,14 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (the test of this script)")
     ap.add_argument("--phase", choices=("all", "jax", "hf"), default="all")
-    ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,16,64; tiny 1)")
+    ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,16,64; tiny 1,2)")
     ap.add_argument("--prompt-len", type=int, default=None, help="decode prompt length (default 128; tiny 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per decode run (default 32; tiny 3)")
     ap.add_argument("--prefill-len", type=int, default=None,
                     help="prefill / first-token prompt length (default 2048; tiny 16)")
     ap.add_argument("--compare-layers", type=int, default=None, help="depth of the HF comparison (default 8; tiny 1)")
+    ap.add_argument("--serve-slots", type=int, default=None,
+                    help="the serving engine's slots and concurrent requests (default 16; tiny 2; 0: skip it)")
     ap.add_argument("--hbm-gbs", type=float, default=HBM_GBS, help="memory bandwidth for the roofline (GB/s)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="time budget of the whole run (seconds)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers phase")
@@ -52,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)  # a phase's JSON, set by the orchestrator
     args = ap.parse_args(argv)
     tiny = args.tiny
-    defaults = dict(batches="1" if tiny else "1,16,64", prompt_len=8 if tiny else 128, new_tokens=3 if tiny else 32,
+    defaults = dict(batches="1,2" if tiny else "1,16,64", prompt_len=8 if tiny else 128, new_tokens=3 if tiny else 32,
+                    serve_slots=2 if tiny else 16,
                     prefill_len=16 if tiny else 2048, compare_layers=1 if tiny else 8,
                     json="gpu_bench_tiny.json" if tiny else "gpu_bench.json")
     for k, v in defaults.items():
@@ -80,7 +86,7 @@ def log(msg):
 
 
 # ---- phase jax ------------------------------------------------------------------------------------------
-def measure_jax(args, cfg, label, deadline, results, with_ttft=True):
+def measure_jax(args, cfg, label, deadline, results, with_ttft=True, with_engine=False):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -143,9 +149,54 @@ def measure_jax(args, cfg, label, deadline, results, with_ttft=True):
         log(f"{label}: time to first token ({args.prefill_len}-token prompt): {out['ttft_s'] * 1e3:.1f} ms")
     elif with_ttft:
         out["skipped"].append("time to first token")
+    # The engine compiles ten programs before its first request: it starts only with that time left, since a
+    # phase killed past its deadline would lose every figure.
+    if with_engine and args.serve_slots and time.time() < deadline - (0 if args.tiny else 150):
+        out["engine"] = measure_engine(args, model, cfg)
+    elif with_engine and args.serve_slots:
+        out["skipped"].append("serving engine")
     stats = jax.devices()[0].memory_stats() or {}
     out["peak_device_bytes"] = stats.get("peak_bytes_in_use")
     del model, params
+    return out
+
+
+def measure_engine(args, model, cfg):
+    """The serving engine with ``--serve-slots`` requests submitted at once (greedy, no end token, twice
+    ``--new-tokens`` each): decode tokens/s over the window in which every slot is busy (from the last first
+    token to the first finish), start-up and time to first token."""
+    from qwen2_jax.engine import Engine, Request, SamplingParams
+
+    slots, new = args.serve_slots, 2 * args.new_tokens
+    max_len = 1 << (args.prompt_len + new - 1).bit_length()
+    t = time.perf_counter()
+    engine = Engine(model, slots=slots, max_len=max_len, prefill_chunk=max_len, eos_token_ids=()).start()
+    out = {"slots": slots, "max_len": max_len, "prompt_len": args.prompt_len, "new_tokens": new,
+           "start_s": time.perf_counter() - t}
+    log(f"engine: {slots} slots x {max_len} positions compiled and warmed up in {out['start_s']:.1f} s")
+    try:
+        arrivals = [[] for _ in range(slots)]  # per request: (time, tokens delivered)
+
+        def deliver(i):
+            return lambda tokens, finish: arrivals[i].append((time.perf_counter(), len(tokens), finish))
+
+        t0 = time.perf_counter()
+        requests = [engine.submit(Request(p, SamplingParams(max_tokens=new, ignore_eos=True), deliver(i)))
+                    for i, p in enumerate(prompts(cfg.vocab_size, slots, args.prompt_len, seed=2000))]
+        while any(not a or a[-1][2] is None for a in arrivals):
+            time.sleep(0.01)
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    if any(sum(n for _, n, _ in a) != new for a in arrivals) or any(a[-1][2] != "length" for a in arrivals):
+        raise RuntimeError(f"engine: a request did not end with {new} tokens: {[a[-1] for a in arrivals]}")
+    begin = max(a[0][0] for a in arrivals)  # every slot busy from here ...
+    end = min(a[-1][0] for a in arrivals)  # ... to the first finish
+    busy = sum(n for a in arrivals for at, n, _ in a if begin < at <= end)
+    out.update(wall_s=wall, ttft_s=[a[0][0] - t0 for a in arrivals],
+               decode_tokens_per_s=busy / (end - begin) if end > begin and busy else None, requests=len(requests))
+    log(f"engine: {slots} requests in {wall:.1f} s, decode {_fmt(out['decode_tokens_per_s'])} tokens/s with every "
+        f"slot busy, time to first token {1e3 * min(out['ttft_s']):.0f} to {1e3 * max(out['ttft_s']):.0f} ms")
     return out
 
 
@@ -157,7 +208,7 @@ def phase_jax(args):
     info = {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "results": results}
     try:
-        measure_jax(args, config(args), "full", deadline, results)
+        measure_jax(args, config(args), "full", deadline, results, with_engine=True)
         if time.time() < deadline:
             measure_jax(args, config(args, args.compare_layers), f"{args.compare_layers} layers", deadline, results)
         else:
@@ -246,7 +297,8 @@ def run_phase(args, phase, out, deadline) -> str | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--out", out, "--deadline", str(deadline),
            "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--prefill-len", str(args.prefill_len),
-           "--compare-layers", str(args.compare_layers), "--hbm-gbs", str(args.hbm_gbs)]
+           "--compare-layers", str(args.compare_layers), "--hbm-gbs", str(args.hbm_gbs),
+           "--serve-slots", str(args.serve_slots)]
     cmd += ["--tiny"] if args.tiny else []
     # A phase may overrun the deadline by one measurement; past that it is stopped and reported as such.
     timeout = max(deadline - time.time(), 0) + (60 if args.tiny else 90)
@@ -286,6 +338,15 @@ def report(args, jax_info, hf_info, notes) -> dict:
                      f"time to first token ({args.prefill_len}-token prompt): "
                      f"{_fmt(full.get('ttft_s') and full['ttft_s'] * 1e3)} ms; "
                      f"peak device memory {_fmt(full.get('peak_device_bytes') and full['peak_device_bytes'] / 1e9)} GB")
+    eng = full and full.get("engine")
+    if eng:
+        gen = full["decode"].get(str(eng["slots"]), {}).get("tokens_per_s")
+        rate = eng["decode_tokens_per_s"]
+        lines.append(f"serving engine, {eng['slots']} requests of {eng['prompt_len']} + {eng['new_tokens']} tokens at "
+                     f"once: decode {_fmt(rate)} tokens/s with every slot busy"
+                     + (f" ({_fmt(rate and 100 * rate / gen, '.0f')}% of generate at batch {eng['slots']})" if gen else "")
+                     + f"; time to first token {1e3 * min(eng['ttft_s']):.0f} to {1e3 * max(eng['ttft_s']):.0f} ms; "
+                     f"start-up (every step compiled) {eng['start_s']:.0f} s")
     cmp_ = results.get(f"{args.compare_layers} layers")
     if cmp_:
         hf = hf_info if hf_info and "error" not in hf_info else {}

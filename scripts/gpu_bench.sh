@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Full-scale GPU benchmark: Qwen2-57B-A14B with random bf16 weights made on the GPU, decode at batch 1/16/64,
-# prefill 2048, time to first token, share of the HBM roofline; then transformers against the port at a
-# truncated depth. Self-contained (nothing is downloaded), about 7 minutes on one H200; see docs/performance.md.
+# prefill 2048, time to first token, share of the HBM roofline, the serving engine at 16 slots; then transformers
+# against the port at a truncated depth. Self-contained (nothing is downloaded), about 7 minutes on one H200
+# (docs/performance.md).
 #
 #   scripts/gpu_bench.sh [--json gpu_bench.json] [--budget-s 420] [--no-hf] ...   (scripts/gpu_bench.py --help)
 #   scripts/gpu_bench.sh --tiny     # the same path on CPU with a tiny config (run by tests/test_bench.py)

@@ -95,4 +95,9 @@ def test_gpu_bench_script_runs_its_tiny_mode_on_cpu_and_reports(tmp_path):
     assert labels == ["full", "1 layers"]
     full = result["jax"]["results"][0]
     assert full["decode"]["1"]["roofline_share"] > 0 and full["prefill_tokens_per_s"] > 0
+    # The serving engine: two requests at once into two slots, its decode rate with both busy set against
+    # generate's at batch 2.
+    engine = full["engine"]
+    assert engine["slots"] == 2 and engine["requests"] == 2 and engine["decode_tokens_per_s"] > 0
+    assert "serving engine, 2 requests of 8 + 6 tokens at once: decode" in text and "of generate at batch 2" in text
     assert result["hf"]["decode"]["1"]["tokens_per_s"] > 0
