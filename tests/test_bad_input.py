@@ -57,9 +57,8 @@ def converted(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def compilation_cache(tmp_path_factory, monkeypatch):
-    """The CLI turns on JAX's persistent compilation cache: keep it out of the user's home."""
-    monkeypatch.setenv("QWEN2_JAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+def no_debug_tracebacks(monkeypatch):
+    """Bad input is reported in one line unless QWEN2_JAX_DEBUG asks for the traceback."""
     monkeypatch.delenv("QWEN2_JAX_DEBUG", raising=False)
 
 

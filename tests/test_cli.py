@@ -45,12 +45,6 @@ def loaded(checkpoint):
     return qwen2_jax.from_pretrained(checkpoint, dtype="float32"), load_tokenizer(checkpoint)
 
 
-@pytest.fixture(autouse=True)
-def compilation_cache(tmp_path_factory, monkeypatch):
-    """The CLI turns on JAX's persistent compilation cache: keep it out of the user's home."""
-    monkeypatch.setenv("QWEN2_JAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
-
-
 def run_cli(capsys, *argv, stdin=None, monkeypatch=None):
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

@@ -22,12 +22,6 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(autouse=True)
-def compilation_cache(tmp_path_factory, monkeypatch):
-    """The CLI turns on JAX's persistent compilation cache: keep it out of the user's home."""
-    monkeypatch.setenv("QWEN2_JAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
-
-
 def run_parity(capsys, *argv):
     code = cli.main(["parity", *argv])
     out, err = capsys.readouterr()
