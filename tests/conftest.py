@@ -20,29 +20,22 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, psutil.virtual_memory().total // 2**33))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the session (a worker's), in a temporary directory, never the user's
-    home: the tiny models' programs recur across test files, and the CLI run in-process and the processes tests
-    start (servers, scripts) find it through QWEN2_JAX_CACHE_DIR."""
-    from qwen2_jax import cli
-
-    os.environ["QWEN2_JAX_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax-cache")
-    cli.enable_compilation_cache()
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
 
 
 @pytest.fixture(autouse=True)
-def without_compilation_cache(request):
-    """Tests marked ``no_compilation_cache`` compile for a device this machine lacks (an executable JAX cannot
-    load back from the cache), or count XLA compilations (which a cache hit would hide)."""
-    if request.node.get_closest_marker("no_compilation_cache") is None:
-        yield
-        return
+def compilation_cache(tmp_path_factory, monkeypatch):
+    """The CLI, run in-process, turns on JAX's persistent compilation cache: keep it out of the user's home, and
+    off again after the test, so a later test in the same process (an aot compile for a device this machine
+    lacks) neither reads nor writes it."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    jax.config.update("jax_enable_compilation_cache", False)
-    cc.reset_cache()
+    monkeypatch.setenv("QWEN2_JAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+    before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
     yield
-    jax.config.update("jax_enable_compilation_cache", True)
-    cc.reset_cache()
+    if any(getattr(jax.config, name) != value for name, value in before.items()):
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cc.reset_cache()

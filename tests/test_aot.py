@@ -15,8 +15,6 @@ TINY = Qwen2MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, mo
                       shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
                       max_position_embeddings=512)
-# every program here is for a device this machine lacks
-pytestmark = pytest.mark.no_compilation_cache
 FIELDS = {"target", "mesh", "batch", "argument_bytes", "temp_bytes", "fits", "bytes_per_step", "roofline_bytes",
           "weight_copy_bytes", "kernels_per_step", "collectives", "compile_s"}
 

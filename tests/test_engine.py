@@ -76,7 +76,6 @@ def test_waiting_prompts_are_prefilled_together_in_one_packed_call(model):
     assert [tokens for tokens, _ in results] == generate(model, prompts, max_new_tokens=12, eos_token_ids=())
 
 
-@pytest.mark.no_compilation_cache
 def test_nothing_compiles_after_start_up_under_a_mixed_load(engine):
     before = engine_module.TRACES.copy(), engine_module.COMPILATIONS.copy()
     sampled = [SamplingParams(max_tokens=n, temperature=t, top_k=k, top_p=p, repetition_penalty=r, seed=s)

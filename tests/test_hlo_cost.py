@@ -100,7 +100,6 @@ def test_collective_groups_in_every_form_xla_prints():
                                 "device_ids=([2,4]T(1,0)) {'axis_0','axis_2'}") == 8
 
 
-@pytest.mark.no_compilation_cache
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(hlo_cost.__file__), "targets")),
                     reason="no GPU target configs")
 def test_a_matmul_compiled_for_an_h200_reads_its_operands_and_writes_its_result_once():
