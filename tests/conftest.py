@@ -11,7 +11,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (the README's test command): a worker per core, but no more than one per 8 GiB of memory,
     which the largest test files (the 40,000-token prompt, the 8-device sharding run) need at their peak."""
