@@ -24,6 +24,11 @@ COMMANDS = {
 }
 
 
+# The jax settings enable_compilation_cache changes (the directory is filled in at run time); the tests restore them.
+COMPILATION_CACHE_SETTINGS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.5,
+                              "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
 def enable_compilation_cache() -> str:
     """JAX's persistent compilation cache in a per-user directory, so a second run starts without compiling."""
     import jax
@@ -31,9 +36,8 @@ def enable_compilation_cache() -> str:
     path = os.environ.get("QWEN2_JAX_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen2-jax", "jax-compilation-cache")
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in {**COMPILATION_CACHE_SETTINGS, "jax_compilation_cache_dir": path}.items():
+        jax.config.update(name, value)
     return path
 
 

@@ -19,10 +19,6 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, psutil.virtual_memory().total // 2**33))
 
 
-_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                   "jax_persistent_cache_min_entry_size_bytes")
-
-
 @pytest.fixture(autouse=True)
 def compilation_cache(tmp_path_factory, monkeypatch):
     """The CLI, run in-process, turns on JAX's persistent compilation cache: keep it out of the user's home, and
@@ -31,8 +27,10 @@ def compilation_cache(tmp_path_factory, monkeypatch):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
+    from qwen2_jax.cli import COMPILATION_CACHE_SETTINGS
+
     monkeypatch.setenv("QWEN2_JAX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
-    before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+    before = {name: getattr(jax.config, name) for name in COMPILATION_CACHE_SETTINGS}
     yield
     if any(getattr(jax.config, name) != value for name, value in before.items()):
         for name, value in before.items():
