@@ -18,6 +18,12 @@ One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, dona
   XLA:CPU an idle row would cost as much as a busy one;
 - reads the tokens of the step before the one it just dispatched, so the device never waits for the host.
 
+Prefix caching: a freed slot's row keeps the keys and values of its request's tokens (prompt and generated,
+``Engine._held``) until another request is admitted into it. A new prompt that begins with enough of a freed row's
+tokens (at least ``MIN_PREFIX`` and half the prompt: a short shared head, such as a system prompt, is cheaper to
+prefill again packed with other prompts) gets that row copied into its slot (``_reuse``) and prefills only the
+rest, in pieces attending to the copied prefix: the next turn of a conversation prefills only the new message.
+
 A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is shifted onto the end of the
 row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
 them), so RoPE positions are slot numbers and a request uses exactly ``len(prompt) + max_tokens - 1`` slots.
@@ -65,6 +71,7 @@ from .generate import MIN_PROMPT_BUCKET, bucket, default_eos_token_ids
 from .sampling import apply_repetition_penalty, apply_temperature, check_sampling_args, nucleus_threshold
 
 MAX_EOS = 8  # end tokens per request, padded with -1
+MIN_PREFIX = MIN_PROMPT_BUCKET  # cached tokens a prompt must reuse (and half of it) to skip their prefill
 # How many times each jitted function has been traced, and how many XLA compilations this process has run
 # (a function compiles again without a new trace for arguments of another layout): tests and /metrics check
 # that neither grows after start-up.
@@ -277,6 +284,23 @@ def _prefill_packed(params, expert_views, state: EngineState, input_ids, positio
     return state, jnp.stack([token, status], axis=1)
 
 
+def _reuse(params, expert_views, state: EngineState, source, slot, prefix_ids, *, graphdef, platform: str):
+    """Row ``source``'s keys and values copied into row ``slot`` (the same row is allowed), which then holds the
+    prefix ``prefix_ids`` ([max_len], padded with ids past the vocabulary) and nothing after it: the prompt's
+    other tokens follow as pieces (``_prefill``). The model's arguments are taken for ``jit_step``'s sake."""
+    TRACES["reuse"] += 1
+    c = state.cache
+    copy = lambda big: jax.lax.dynamic_update_index_in_dim(big, jax.lax.dynamic_index_in_dim(big, source, 0), slot, 0)
+    real = prefix_ids < state.seen.shape[1]
+    length = jnp.sum(real, dtype=jnp.int32)
+    seen = jnp.zeros(state.seen.shape[1], bool).at[prefix_ids].set(True, mode="drop")
+    cache = SlotCache(k=tuple(map(copy, c.k)), v=tuple(map(copy, c.v)),
+                      valid=c.valid.at[slot].set(jnp.arange(c.max_len) < length), index=c.index,
+                      lengths=c.lengths.at[slot].set(length))
+    return dataclasses.replace(state, cache=cache, active=state.active.at[slot].set(False),
+                               seen=state.seen.at[slot].set(seen)), length
+
+
 def _decode(params, expert_views, state: EngineState, keep, *, graphdef, platform: str, rows: int):
     """One token for every active slot (``state.active & keep``) among the first ``rows``; the host keeps the
     busy slots low so that a step computes few idle rows (on XLA:CPU each row costs its own expert products,
@@ -403,6 +427,8 @@ class Request:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.generated = 0
+        self.output: list[int] = []  # tokens delivered so far
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.finished = False
 
     def result(self, timeout: float | None = None) -> tuple[list[int], str]:
@@ -421,6 +447,8 @@ class Stats:
 
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, found (their prefill skipped)
     requests_finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     ttft: "Histogram" = None
     itl: "Histogram" = None
@@ -447,6 +475,7 @@ class _Prefill:
     request: Request
     slot: int
     done: int = 0  # prompt tokens written
+    pieces: bool = False  # in pieces into its row (a long prompt, or the rest of a cached prefix), not packed
 
 
 def check_settings(context_length: int, *, flags: bool = False, **settings) -> None:
@@ -468,10 +497,11 @@ def check_settings(context_length: int, *, flags: bool = False, **settings) -> N
 class Engine:
     """Continuous batching of ``slots`` requests at a time over a model (``from_pretrained``), each request
     using at most ``max_len`` positions (prompt + max_tokens). ``max_waiting``: requests that may wait for a
-    slot (``submit`` raises QueueFull past it). ``start()`` compiles every shape and starts the thread."""
+    slot (``submit`` raises QueueFull past it). ``prefix_caching``: reuse freed rows' keys and values for prompts
+    that begin with their tokens. ``start()`` compiles every shape and starts the thread."""
 
     def __init__(self, model, *, slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
-                 max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None):
+                 max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None, prefix_caching: bool = True):
         cfg = model.config
         check_settings(cfg.context_length, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk,
                        max_waiting=max_waiting)
@@ -482,6 +512,10 @@ class Engine:
         if len(self.eos_token_ids) > MAX_EOS:
             raise InputError(f"at most {MAX_EOS} end tokens, got {len(self.eos_token_ids)}")
         self.buckets = [b for b in (MIN_PROMPT_BUCKET << i for i in range(32)) if b <= prefill_chunk]
+        self.prefix_caching = bool(prefix_caching)
+        # Lengths of the pieces prefilled into a row: a long prompt's prefill_chunk; with prefix caching also the
+        # shorter buckets, for the rest of a prompt after its cached prefix. A piece never runs past its row.
+        self.piece_sizes = [t for t in self.buckets if t <= max_len and (prefix_caching or t == prefill_chunk < max_len)]
 
         self._graphdef, self._params = nnx.split(model)
         self._views = views.expert_views(model)
@@ -501,7 +535,9 @@ class Engine:
         # Decode steps over the first 1, 2, 4 .. slots rows.
         self.rows = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
         self._packed: dict[int, Callable] = {}  # piece length -> compiled step
-        self._piece: Callable | None = None  # a piece of a prompt longer than prefill_chunk, compiled
+        self._piece: dict[int, Callable] = {}  # piece length -> compiled step
+        self._reuse: Callable | None = None  # compiled: a freed row's prefix copied into a slot
+        self._held: list[np.ndarray] = [np.zeros(0, np.int64)] * slots  # tokens in each free row's cache
         self._decode: dict[int, Callable] = {}  # rows -> compiled step
         self._state = None
         self._lock = threading.Condition()
@@ -600,9 +636,11 @@ class Engine:
         for t in self.buckets:
             steps["packed", t] = (jit_step(_prefill_packed, formats, self._replicated, **static),
                                   self._packed_args([], t))
-        if self.chunk < self.max_len:
-            steps["piece", None] = (jit_step(_prefill, formats, self._replicated, **static),
-                                    self._piece_args(_Prefill(Request([0], SamplingParams(max_tokens=1)), 0))[0])
+        for t in self.piece_sizes:
+            steps["piece", t] = (jit_step(_prefill, formats, self._replicated, **static),
+                                 self._piece_args(_Prefill(Request([0] * t, SamplingParams(max_tokens=1)), 0))[0])
+        if self.prefix_caching:
+            steps["reuse", None] = (jit_step(_reuse, formats, self._replicated, **static), self._reuse_args(0, 0, []))
         for b in self.rows:
             steps["decode", b] = (jit_step(_decode, formats, self._replicated, rows=b, **static), (keep,))
         todo = [key for key in steps if key != ("decode", widest)]
@@ -618,7 +656,8 @@ class Engine:
         self._state = self._fresh_state()
         self._packed = {t: c for (kind, t), c in compiled.items() if kind == "packed"}
         self._decode = {b: c for (kind, b), c in compiled.items() if kind == "decode"}
-        self._piece = compiled.get(("piece", None))
+        self._piece = {t: c for (kind, t), c in compiled.items() if kind == "piece"}
+        self._reuse = compiled.get(("reuse", None))
 
     def _controls(self, p: SamplingParams) -> SlotControls:
         eos = () if p.ignore_eos else (self.eos_token_ids if p.eos_token_ids is None else tuple(p.eos_token_ids))
@@ -653,12 +692,27 @@ class Engine:
         """Prompts a packed piece of ``t`` tokens holds at most."""
         return min(self.slots, t)
 
+    def _piece_length(self, done: int, total: int) -> tuple[int, int]:
+        """(prompt tokens, piece length) of the next piece of a prompt of ``total`` tokens with ``done`` written:
+        as many as the longest piece holds, in the shortest piece that holds them."""
+        n = min(total - done, self.piece_sizes[-1])
+        return n, next(t for t in self.piece_sizes if t >= n)
+
+    def _pieces_fit(self, done: int, total: int) -> bool:
+        """Whether the pieces of the rest of a prompt from ``done`` stay inside the row (a piece writes its
+        whole length, padding included, before it is shifted into place)."""
+        while done < total:
+            n, t = self._piece_length(done, total)
+            if done + t > self.max_len:
+                return False
+            done += n
+        return True
+
     def _piece_args(self, job: _Prefill):
-        """The arguments of the prefill of ``job``'s next piece (``prefill_chunk`` tokens, left-padded) after
-        the state; and the number of prompt tokens in it."""
-        t = self.chunk
+        """The arguments of the prefill of ``job``'s next piece (left-padded) after the state; and the number
+        of prompt tokens in it."""
         prompt = job.request.prompt
-        n = min(len(prompt) - job.done, t)
+        n, t = self._piece_length(job.done, len(prompt))
         ids = np.zeros((1, t), np.int32)
         mask = np.zeros((1, t), bool)
         ids[0, t - n:], mask[0, t - n:] = prompt[job.done:job.done + n], True
@@ -673,9 +727,9 @@ class Engine:
         else the whole prompts next in line that fit in one packed piece."""
         self.prefills += 1
         job = self._prefilling[0]
-        if len(job.request.prompt) > self.chunk:
+        if job.pieces:
             args, n = self._piece_args(job)
-            self._state, out = self._piece(self._params, self._views, self._state, *args)
+            self._state, out = self._piece[args[1].shape[1]](self._params, self._views, self._state, *args)
             job.done += n
             if job.done == len(job.request.prompt):
                 self._prefilling.popleft()
@@ -684,7 +738,7 @@ class Engine:
                 self._pending.append((out, "prefill", [(job.slot, job.request)]))
             return
         jobs, total = [], 0
-        while (self._prefilling and len(jobs) < self._segments(self.chunk)
+        while (self._prefilling and len(jobs) < self._segments(self.chunk) and not self._prefilling[0].pieces
                and total + len(self._prefilling[0].request.prompt) <= self.chunk):
             jobs.append(self._prefilling.popleft())
             total += len(jobs[-1].request.prompt)
@@ -728,11 +782,20 @@ class Engine:
             for r in [r for r in self._waiting if r.id in aborted]:
                 self._waiting.remove(r)
                 self._finish(r, "abort")
+            reuses = []
             for slot in range(self.slots):
                 if self._slot_req[slot] is None and self._waiting:
                     r = self._waiting.popleft()
-                    self._slot_req[slot] = r
-                    self._prefilling.append(_Prefill(r, slot))
+                    source, cached = self._cached_prefix(r.prompt)
+                    self._slot_req[slot], self._held[slot] = r, np.zeros(0, np.int64)
+                    self._prefilling.append(_Prefill(r, slot, done=cached,
+                                                     pieces=cached > 0 or len(r.prompt) > self.chunk))
+                    if cached:
+                        reuses.append((source, slot, r.prompt[:cached]))
+                    r.cached_tokens = cached
+        # Copies of cached prefixes go first: a later prefill may write over their source rows.
+        for source, slot, prefix in reuses:
+            self._state, _ = self._reuse(self._params, self._views, self._state, *self._reuse_args(source, slot, prefix))
         # One prefill call (up to prefill_chunk prompt tokens), then a decode step for the running slots.
         if self._prefilling:
             self._dispatch_prefill()
@@ -745,7 +808,36 @@ class Engine:
             self._read(*self._pending.popleft())
         return True
 
+    def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
+        """(row, tokens): the free row whose cached tokens begin ``prompt`` the furthest, and how many of them to
+        reuse (0: none worth it). The prompt's last token is always prefilled, for its logits."""
+        if not self.prefix_caching:
+            return 0, 0
+        self.stats.prefix_cache_queries += len(prompt)
+        ids, best, source = np.asarray(prompt[:-1]), 0, 0
+        for slot, held in enumerate(self._held):
+            n = min(len(held), len(ids))
+            if self._slot_req[slot] is None and n > best:
+                differ = np.flatnonzero(held[:n] != ids[:n])
+                if (same := int(differ[0]) if differ.size else n) > best:
+                    best, source = same, slot
+        if best < MIN_PREFIX or 2 * best < len(prompt) or not self._pieces_fit(best, len(prompt)):
+            return 0, 0
+        self.stats.prefix_cache_hits += best
+        return source, best
+
+    def _reuse_args(self, source: int, slot: int, prefix: list[int]):
+        ids = np.full(self.max_len, self.config.vocab_size, np.int32)
+        ids[:len(prefix)] = prefix
+        return np.int32(source), np.int32(slot), ids
+
     def _release(self, slot: int) -> None:
+        r = self._slot_req[slot]
+        if self.prefix_caching and r is not None and r.output:
+            # The row holds the prompt and every token but the last, each fed to a step already read. Idle decode
+            # steps write at the row's length, past these, or at its last position when the row is full, which no
+            # prompt reuses (a prompt leaves a position for max_tokens, and its last token is always prefilled).
+            self._held[slot] = np.asarray(r.prompt + r.output[:-1])
         self._slot_req[slot] = None
         self._keep[slot] = False
         self._prefilling = collections.deque(j for j in self._prefilling if j.slot != slot)
@@ -772,6 +864,7 @@ class Engine:
             self.stats.itl.observe(now - r.last_token_at)
         r.last_token_at = now
         r.generated += 1
+        r.output.append(token)
         self.stats.generation_tokens += 1
         finish = {STOPPED: "stop", LENGTH: "length"}.get(status)
         if finish is not None:

@@ -13,7 +13,8 @@ Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or no
 - text is detokenised incrementally (``tokenizer.StreamDecoder``: a multi-byte character is never split), and
   text that could still become a stop string is held back until it cannot; the stop string is not returned;
 - bad requests get ``{"error": {"message", "type", "param", "code"}}`` with 400 (never 422), an unknown model
-  404, a full queue 503. A stream whose client goes away aborts its request: the slot is free the next step.
+  404, a full queue 503. A stream whose client goes away aborts its request: the slot is free the next step;
+- ``usage.prompt_tokens_details.cached_tokens``: the prompt tokens found in the engine's prefix cache.
 
 Sampling defaults are the checkpoint's ``generation_config.json`` (OpenAI's where it says nothing); beyond
 OpenAI's fields the server takes ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (vLLM's extras).
@@ -302,7 +303,8 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
 
         def usage():
             n = state["generated"]
-            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n,
+                    "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
         if not body.get("stream"):
             out = []
@@ -397,8 +399,13 @@ def prometheus_text(engine) -> str:
     metric("num_requests_waiting", "gauge", "requests waiting for a slot", [("", engine.waiting)])
     metric("slots", "gauge", "decode slots", [("", engine.slots)])
     metric("slot_usage", "gauge", "share of the slots in use", [("", engine.running / engine.slots)])
-    metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [("", s.prompt_tokens)])
+    metric("prompt_tokens_total", "counter", "prompt tokens (prefilled, or found in the prefix cache)",
+           [("", s.prompt_tokens)])
     metric("generation_tokens_total", "counter", "tokens generated", [("", s.generation_tokens)])
+    metric("prefix_cache_queries_total", "counter", "prompt tokens looked up in the prefix cache",
+           [("", s.prefix_cache_queries)])
+    metric("prefix_cache_hits_total", "counter", "prompt tokens found in the prefix cache (not prefilled again)",
+           [("", s.prefix_cache_hits)])
     metric("request_success_total", "counter", "finished requests by finish reason",
            [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
     metric("decode_steps_total", "counter", "decode steps dispatched", [("", engine.steps)])
@@ -429,6 +436,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                              "or is at least it (default 512)")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests that may wait for a slot; past it the server answers 503 (default 256)")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="prefill every prompt whole; by default a prompt that begins with the tokens of a "
+                             "finished request (the next turn of a conversation) reuses their keys and values")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
     add_mesh_argument(parser)
@@ -460,7 +470,8 @@ def run(name: str, args) -> int:
         eos.append(tokenizer.eos_token_id)
     start = time.perf_counter()
     engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    max_waiting=args.max_waiting, eos_token_ids=tuple(dict.fromkeys(eos)))
+                    max_waiting=args.max_waiting, eos_token_ids=tuple(dict.fromkeys(eos)),
+                    prefix_caching=args.prefix_caching)
     engine.start()
     print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and packed prefills of "
           f"{', '.join(map(str, engine.buckets))} tokens in {time.perf_counter() - start:.1f} s; {args.slots} slots "

@@ -234,8 +234,9 @@ def bench_server(server, model, args, prompts_for, extra_body) -> list[dict]:
     levels = []
     for c in args.levels:
         n = args.requests or max(4, 2 * c)
-        prompts = prompts_for(n, seed=args.seed + c)
-        asyncio.run(run_level(server.url, model, prompts[:1], 1, None, 2, extra_body, 0))  # warm the path
+        *prompts, warm = prompts_for(n + 1, seed=args.seed + c)
+        # Warm the path with a prompt of its own: a level's prompt sent before would find its tokens cached.
+        asyncio.run(run_level(server.url, model, [warm], 1, None, 2, extra_body, 0))
         result = asyncio.run(run_level(server.url, model, prompts, c, args.request_rate, args.output_len, extra_body,
                                        args.seed))
         print(f"  {server.name}: concurrency {c}: {result['completed']}/{n} done, "

@@ -1,5 +1,6 @@
 """The continuous-batching engine in-process: a request's tokens do not depend on its neighbours, nothing
-compiles after start-up, each slot stops on its own, aborted slots are freed, the queue is bounded."""
+compiles after start-up, each slot stops on its own, aborted slots are freed, the queue is bounded, a prompt
+that begins with a finished request's tokens reuses their keys and values."""
 
 import importlib
 import subprocess
@@ -84,6 +85,8 @@ def test_nothing_compiles_after_start_up_under_a_mixed_load(engine):
     prompts = prompts_of([2, 31, 200, 64, 129, 77], seed=2)
     results = run_all(engine, prompts, sampled)
     assert [len(tokens) for tokens, _ in results] == [5, 9, 30, 17, 3, 50]
+    follow = engine.submit(Request(prompts[3] + results[3][0] + [1] * 20, sampled[2]))  # 80 cached, 21 in a piece
+    assert len(follow.result(timeout=300)[0]) == 30 and follow.cached_tokens == 64 + 17 - 1
     assert (engine_module.TRACES, engine_module.COMPILATIONS) == before
 
 
@@ -120,6 +123,70 @@ def test_an_aborted_request_ends_at_once_and_its_slot_serves_the_next(engine):
     assert run_all(engine, prompts_of([4]), SamplingParams(max_tokens=3))[0][1] == "length"
 
 
+def test_a_prompt_that_extends_a_finished_request_reuses_its_cached_tokens_and_gives_generates_tokens(engine, model):
+    first = prompts_of([40], seed=6)[0]
+    answer, _ = run_all(engine, [first], SamplingParams(max_tokens=10))[0]
+    follow = first + answer + prompts_of([12], seed=7)[0]  # the next turn: everything so far, then a new message
+    penalised = SamplingParams(max_tokens=10, repetition_penalty=1.3)  # the penalty must see the cached tokens
+    request = engine.submit(Request(follow, penalised))
+    tokens, _ = request.result(timeout=300)
+    assert request.cached_tokens == 40 + 10 - 1  # all but the answer's last token, never fed to a step
+    assert tokens == generate(model, [follow], max_new_tokens=10, eos_token_ids=(), repetition_penalty=1.3)[0]
+
+
+def test_the_rest_of_a_prompt_after_its_cached_prefix_goes_in_pieces_when_longer_than_one(engine, model):
+    first = prompts_of([90], seed=8)[0]  # itself in pieces (64 + 26)
+    answer, _ = run_all(engine, [first], SamplingParams(max_tokens=10))[0]
+    follow = first + answer + prompts_of([81], seed=9)[0]  # 99 cached, 81 more: a piece of 64, one of 32
+    request = engine.submit(Request(follow, SamplingParams(max_tokens=8)))
+    tokens, _ = request.result(timeout=300)
+    assert request.cached_tokens == 99
+    assert tokens == generate(model, [follow], max_new_tokens=8, eos_token_ids=())[0]
+
+
+def test_a_short_shared_head_is_prefilled_again_and_an_overwritten_row_is_not_reused(engine, model):
+    head = prompts_of([12], seed=10)[0]
+    first = head + prompts_of([30], seed=11)[0]
+    run_all(engine, [first], SamplingParams(max_tokens=4))
+    short_head = engine.submit(Request(head + prompts_of([30], seed=13)[0], SamplingParams(max_tokens=4)))
+    less_than_half = engine.submit(Request(first[:20] + prompts_of([30], seed=14)[0], SamplingParams(max_tokens=4)))
+    assert [short_head.result(timeout=300)[1], less_than_half.result(timeout=300)[1]] == ["length", "length"]
+    assert short_head.cached_tokens == less_than_half.cached_tokens == 0
+    # ``first`` ran alone in the lowest slot; the next request took that slot and wrote over its tokens.
+    again = engine.submit(Request(first + [7, 7], SamplingParams(max_tokens=6)))
+    tokens, _ = again.result(timeout=300)
+    assert again.cached_tokens == 0
+    assert tokens == generate(model, [first + [7, 7]], max_new_tokens=6, eos_token_ids=())[0]
+
+
+def test_an_aborted_requests_delivered_tokens_are_cached_as_its_row_holds_them(engine, model):
+    prompt = prompts_of([30], seed=15)[0]
+    long = engine.submit(Request(prompt, SamplingParams(max_tokens=MAX_LEN - 30)))
+    delivered = []
+    while len(delivered) < 5:
+        delivered += long.events.get(timeout=60)[0]
+    engine.abort(long)
+    delivered += long.result(timeout=60)[0]
+    follow = prompt + delivered + [3, 4, 5]
+    request = engine.submit(Request(follow, SamplingParams(max_tokens=6)))
+    tokens, _ = request.result(timeout=300)
+    assert request.cached_tokens == 30 + len(delivered) - 1
+    assert tokens == generate(model, [follow], max_new_tokens=6, eos_token_ids=())[0]
+
+
+def test_without_prefix_caching_every_prompt_is_prefilled_whole(model):
+    engine = Engine(model, slots=2, max_len=64, prefill_chunk=32, eos_token_ids=(), prefix_caching=False).start()
+    try:
+        first = prompts_of([30], seed=16)[0]
+        answer, _ = run_all(engine, [first], SamplingParams(max_tokens=5))[0]
+        request = engine.submit(Request(first + answer + [1, 2], SamplingParams(max_tokens=5)))
+        tokens, _ = request.result(timeout=300)
+    finally:
+        engine.stop()
+    assert request.cached_tokens == 0 and engine.stats.prefix_cache_queries == 0
+    assert tokens == generate(model, [first + answer + [1, 2]], max_new_tokens=5, eos_token_ids=())[0]
+
+
 @pytest.mark.parametrize("prompt, params, message", [
     ([], SamplingParams(max_tokens=4), "prompt is empty"),
     ([1, 2, 512], SamplingParams(max_tokens=4), "token id 512 is outside the vocabulary"),
@@ -145,7 +212,7 @@ def test_a_full_queue_refuses_new_requests(model):
 
 
 def test_the_engine_on_a_device_mesh_gives_the_tokens_of_one_device(checkpoint):
-    """A data=2 x expert=2 mesh of four XLA:CPU devices, in a fresh process."""
+    """A data=2 x expert=2 mesh of four XLA:CPU devices, in a fresh process; a cached prefix included."""
     script = textwrap.dedent(f"""
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -158,8 +225,12 @@ def test_the_engine_on_a_device_mesh_gives_the_tokens_of_one_device(checkpoint):
             model = qwen2_jax.from_pretrained({checkpoint!r}, dtype="float32", mesh=mesh)
             engine = Engine(model, slots=4, max_len=64, prefill_chunk=32, eos_token_ids=()).start()
             requests = [engine.submit(Request(p, SamplingParams(max_tokens=10))) for p in prompts]
-            out.append([r.result(timeout=300) for r in requests])
+            results = [r.result(timeout=300) for r in requests]
+            # The next turn of the 39-token prompt: 48 tokens copied from its row into the lowest free one.
+            follow = engine.submit(Request(prompts[1] + results[1][0] + [2, 4], SamplingParams(max_tokens=6)))
+            out.append((results, follow.result(timeout=300), follow.cached_tokens))
             engine.stop()
+        assert out[0][2] == 48, out
         assert out[0] == out[1], out
         print("ok")
     """)

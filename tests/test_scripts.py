@@ -110,3 +110,9 @@ def test_bench_serve_script_loads_our_server_at_each_concurrency_in_its_tiny_mod
     result = json.loads((tmp_path / "serve.json").read_text())
     assert [level["output_tokens"] for level in result["servers"]["qwen2-jax"]] == [4 * 8, 8 * 8]
     assert result["generate_b8_decode_tokens_per_s"] > 0 and os.path.isfile(tmp_path / "serve.png")
+
+
+def test_bench_prefix_cache_script_times_a_next_turn_with_and_without_its_prefix_cached(tmp_path):
+    out = run("scripts/bench_prefix_cache.py", "--config", "tiny", "--context", "48", "--answer", "4", "--new", "8",
+              "--repeats", "1", "--max-len", "128", "--prefill-chunk", "32", "--work-dir", str(tmp_path))
+    assert "| next turn | 51 |" in out and "| nothing cached | 0 |" in out  # 48 + 4 answered - 1 never fed

@@ -17,8 +17,11 @@ import openai
 import pytest
 
 import qwen2_jax
+from qwen2_jax import cli
+from qwen2_jax import engine as engine_module
 from qwen2_jax.config import Qwen2MoeConfig
 from qwen2_jax.convert import write_hf_checkpoint
+from qwen2_jax.errors import InputError
 from qwen2_jax.serve import TextStream
 from qwen2_jax.tokenizer import build_qwen2_tokenizer_files, load_tokenizer
 
@@ -165,7 +168,9 @@ def test_a_chat_stream_has_the_role_first_one_finish_reason_then_usage_and_done(
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     whole = client.chat.completions.create(messages=CHAT, max_tokens=20, extra_body={"ignore_eos": True}, **GREEDY)
     assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == "length"
-    assert whole.usage.completion_tokens == 20 and usage["usage"] == whole.usage.model_dump(exclude_none=True)
+    assert whole.usage.completion_tokens == 20
+    counts = lambda u: {k: u[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert counts(usage["usage"]) == counts(whole.usage.model_dump())  # cached_tokens differ: the 2nd reuses the 1st
 
 
 def test_the_chat_template_is_the_checkpoints(client, tokenizer):
@@ -239,6 +244,33 @@ def test_sixteen_concurrent_streams_each_get_the_text_of_their_request_alone(cli
     for t in threads:
         t.join(timeout=300)
     assert results == alone
+
+
+def test_the_next_turn_of_a_chat_reuses_the_cached_conversation_and_usage_says_how_much(client, server, tokenizer):
+    system = {"role": "system", "content": "You answer in one short sentence, " + "and politely " * 20}
+    first = [system, {"role": "user", "content": "Name a colour."}]
+    answer = client.chat.completions.create(messages=first, max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
+    hits = metric(server, "prefix_cache_hits_total")
+    second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
+                      {"role": "user", "content": "Another?"}]
+    reply = client.chat.completions.create(messages=second, max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    assert len(tokenizer.apply_chat_template(first, tokenize=True)) <= cached < reply.usage.prompt_tokens
+    assert metric(server, "prefix_cache_hits_total") == hits + cached
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0
+
+
+@pytest.mark.parametrize("argv, on", [([], True), (["--no-prefix-caching"], False)])
+def test_no_prefix_caching_reaches_the_engine(checkpoint, monkeypatch, capsys, argv, on):
+    made = {}
+
+    def engine(model, **settings):  # stands in for the engine, and stops the command before it serves
+        made.update(settings)
+        raise InputError("not serving in this test")
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    assert cli.main(["serve", checkpoint[0], "--max-len", "64", *argv]) == 2
+    assert "not serving in this test" in capsys.readouterr().err and made["prefix_caching"] is on
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
