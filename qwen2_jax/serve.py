@@ -473,9 +473,11 @@ def run(name: str, args) -> int:
                     max_waiting=args.max_waiting, eos_token_ids=tuple(dict.fromkeys(eos)),
                     prefix_caching=args.prefix_caching)
     engine.start()
-    print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and packed prefills of "
-          f"{', '.join(map(str, engine.buckets))} tokens in {time.perf_counter() - start:.1f} s; {args.slots} slots "
-          f"of {args.max_len} positions", file=sys.stderr)
+    pieces = f", pieces of {', '.join(map(str, engine.piece_sizes))}" if engine.piece_sizes else ""
+    print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and prefills of "
+          f"{', '.join(map(str, engine.buckets))} tokens packed{pieces} in {time.perf_counter() - start:.1f} s; "
+          f"{args.slots} slots of {args.max_len} positions, prefix caching "
+          f"{'on' if engine.prefix_caching else 'off'}", file=sys.stderr)
     name = args.served_model_name or args.checkpoint
     app = create_app(engine, tokenizer, name, model.generation_config)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
