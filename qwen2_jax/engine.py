@@ -426,7 +426,6 @@ class Request:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
-        self.generated = 0
         self.output: list[int] = []  # tokens delivered so far
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self.finished = False
@@ -815,9 +814,9 @@ class Engine:
             return 0, 0
         self.stats.prefix_cache_queries += len(prompt)
         ids, best, source = np.asarray(prompt[:-1]), 0, 0
-        for slot, held in enumerate(self._held):
+        for slot, held in enumerate(self._held):  # empty for a busy row: cleared when a request takes it
             n = min(len(held), len(ids))
-            if self._slot_req[slot] is None and n > best:
+            if n > best:
                 differ = np.flatnonzero(held[:n] != ids[:n])
                 if (same := int(differ[0]) if differ.size else n) > best:
                     best, source = same, slot
@@ -863,7 +862,6 @@ class Engine:
         else:
             self.stats.itl.observe(now - r.last_token_at)
         r.last_token_at = now
-        r.generated += 1
         r.output.append(token)
         self.stats.generation_tokens += 1
         finish = {STOPPED: "stop", LENGTH: "length"}.get(status)
