@@ -7,7 +7,9 @@ deviceless TPU topology (``libtpu``). The function compiled is the real jitted o
 placed as ``generate`` places them: the decode loop by default (its body is one step), the prefill with
 ``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats); with ``--engine``, the steps of
 ``qwen2-jax serve`` instead (``qwen2_jax.engine``: a decode step over the first ``--batch`` of ``--slots`` rows,
-or the packed prefill of a ``--prompt-len`` piece). Nothing is allocated.
+or the packed prefill of a ``--prompt-len`` piece; ``--engine piece``, the piece of a long or partly cached prompt,
+which attends to its row's earlier tokens; ``--engine reuse``, the copy of a freed row's cached prefix into a
+slot). Nothing is allocated.
 
 From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
 one step), ``weight_copy_bytes``, ``kernels_per_step``, ``flops_per_step`` and the collectives; from
@@ -20,6 +22,7 @@ and ``est_tokens_per_s`` are estimates from the data sheet's bandwidth and peak 
     qwen2-jax aot --target h200 --prompt-len 2048 --dump-hlo /tmp/hlo
     qwen2-jax aot --target h200 --prompt-len 65536 --config qwen2-57b-a14b-instruct-yarn   # its chunk step
     qwen2-jax aot --target h200 --engine --slots 64 --batch 16   # the serving engine's decode step, 16 rows busy
+    qwen2-jax aot --target h200 --engine piece --slots 16 --prompt-len 64   # a next turn's 64 tokens
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ class Request:
     dtype: str = "bfloat16"
     config: str = "qwen2-57b-a14b-instruct"
     quantize: str | None = None  # "int8", "fp8", "int8:BLOCK": weight-only quantization (qwen2_jax.quant)
-    engine: bool = False  # the serving engine's steps (qwen2_jax.engine) instead of generate's
+    # The serving engine's step (qwen2_jax.engine) instead of generate's: "decode", "prefill" (packed), "piece",
+    # "reuse"; True: "prefill" with a prompt_len, else "decode".
+    engine: bool | str = False
     slots: int | None = None  # engine: its decode slots (default: batch); a decode step runs over batch of them
 
 
@@ -136,10 +141,28 @@ def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_d
     return total + kv
 
 
-def _engine_step(req: Request, cfg, graphdef, params, mesh, device, dtype, platform: str, max_len: int):
-    """The serving engine's step, lowered: a decode step over the first ``req.batch`` of ``req.slots`` slots, or
-    (``req.prompt_len``) the packed prefill of a piece of that many tokens, padded as the engine pads it.
-    -> (lowered, step name, the piece's length)."""
+ENGINE_STEPS = ("decode", "prefill", "piece", "reuse")
+
+
+def engine_step(req: Request) -> str | None:
+    """The engine step ``req`` names (None: generate's), checked against its prompt length."""
+    if req.engine is False or req.engine is None:
+        return None
+    step = ("prefill" if req.prompt_len else "decode") if req.engine is True else req.engine
+    if step not in ENGINE_STEPS:
+        raise AotError(f"unknown engine step {step!r}; expected one of {', '.join(ENGINE_STEPS)}")
+    if step in ("prefill", "piece") and not req.prompt_len:
+        raise AotError(f"--engine {step} needs --prompt-len (the tokens of its piece)")
+    if step in ("decode", "reuse") and req.prompt_len:
+        raise AotError(f"--engine {step} takes no --prompt-len (got {req.prompt_len})")
+    return step
+
+
+def _engine_step(req: Request, kind: str, cfg, graphdef, params, mesh, device, dtype, platform: str, max_len: int):
+    """The serving engine's step ``kind``, lowered: a decode step over the first ``req.batch`` of ``req.slots``
+    slots; the packed prefill of a piece of ``req.prompt_len`` tokens, padded as the engine pads it; the piece
+    (``_prefill``) of a long or partly cached prompt, as long, into one slot's row; or the copy of a freed
+    row's prefix into a slot (``_reuse``). -> (lowered, step name, the piece's length)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -165,19 +188,28 @@ def _engine_step(req: Request, cfg, graphdef, params, mesh, device, dtype, platf
     # As the engine compiles them: the widest decode step chooses the state's layouts, the others take them.
     widest = eng.jit_step(eng._decode, eng.state_formats(state), replicated, rows=slots, **static).lower(
         params, None, state, keep)
-    if not req.prompt_len and req.batch == slots:
+    if kind == "decode" and req.batch == slots:
         return widest, "serve-decode", 1
     formats = eng.state_formats(state, chosen=widest.compile().input_formats[0][2])
-    if not req.prompt_len:
+    if kind == "decode":
         step = eng.jit_step(eng._decode, formats, replicated, rows=req.batch, **static)
         return step.lower(params, None, state, keep), "serve-decode", 1
+    if kind == "reuse":
+        scalar = arg((), jnp.int32)
+        step = eng.jit_step(eng._reuse, formats, replicated, **static)
+        return step.lower(params, None, state, scalar, scalar, arg((max_len,), jnp.int32)), "serve-reuse", 0
     t = bucket(req.prompt_len, MIN_PROMPT_BUCKET)
-    p = min(slots, t)  # prompts a piece holds at most, as the engine packs them
+    p = 1 if kind == "piece" else min(slots, t)  # prompts a piece holds at most, as the engine packs them
     controls = eng.SlotControls(
         temperature=arg((p,), jnp.float32), top_k=arg((p,), jnp.int32), top_p=arg((p,), jnp.float32),
         repetition_penalty=arg((p,), jnp.float32), keys=arg((p,), jnp.uint32), max_tokens=arg((p,), jnp.int32),
         eos=arg((p, eng.MAX_EOS), jnp.int32))
     piece = arg((1, t), jnp.int32)
+    if kind == "piece":
+        step = eng.jit_step(eng._prefill, formats, replicated, **static)
+        lowered = step.lower(params, None, state, arg((), jnp.int32), piece, arg((1, t), jnp.bool_), piece,
+                             arg((), jnp.int32), arg((), jnp.bool_), controls, arg((), np.uint32))
+        return lowered, "serve-piece", t
     step = eng.jit_step(eng._prefill_packed, formats, replicated, **static)
     lowered = step.lower(params, None, state, piece, piece, piece, arg((p,), jnp.int32), arg((p,), jnp.int32),
                          controls, arg((p,), np.uint32))
@@ -209,6 +241,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     if req.target not in TARGETS:
         raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
     target = TARGETS[req.target]
+    kind = engine_step(req)
     from .params import param_dtype
     from .quant import QuantConfig
 
@@ -245,7 +278,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     chunk = gen.chunk_length(req.prefill_chunk or gen.PREFILL_CHUNK, b)
     # The prompt as generate pads it: a power of two, or whole chunks beyond one chunk.
     chunks = 0
-    if req.prompt_len and not req.engine and gen.bucket(req.prompt_len, gen.MIN_PROMPT_BUCKET) > chunk:
+    if req.prompt_len and not kind and gen.bucket(req.prompt_len, gen.MIN_PROMPT_BUCKET) > chunk:
         t, chunks = chunk, -(-req.prompt_len // chunk)
     else:
         t = gen.bucket(req.prompt_len or 16, gen.MIN_PROMPT_BUCKET)
@@ -254,7 +287,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
         raise AotError(f"--prompt-len {req.prompt_len} exceeds the context of {cfg.context_length} tokens of "
                        f"{req.config}")
     max_len = req.cache_len or (gen.cache_length(padded, cfg.context_length, chunk)
-                                if req.prompt_len and not req.engine else max(4096, padded))
+                                if req.prompt_len and not kind else max(4096, padded))
     if req.prompt_len and padded > max_len:
         raise AotError(f"--prompt-len {req.prompt_len} exceeds --cache-len {max_len}")
     platform = moe.canonical_platform(devs[0].platform)
@@ -273,8 +306,8 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     static = dict(sampler=sampler, platform=platform)
 
     start = time.perf_counter()
-    if req.engine:
-        lowered, step, t = _engine_step(req, cfg, graphdef, params, mesh, devs[0], dtype, platform, max_len)
+    if kind:
+        lowered, step, t = _engine_step(req, kind, cfg, graphdef, params, mesh, devs[0], dtype, platform, max_len)
     elif chunks:  # generate's chunk step, run chunks - 1 times before a last chunk like it
         cache, seen = jax.eval_shape(lambda: gen._new_cache(cfg, b, max_len, dtype))
         if mesh is not None:
@@ -305,22 +338,27 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
             raise
         compiled, fits_error = None, _first_line(e)
     compile_s = time.perf_counter() - start
-    if not req.engine:
+    if not kind:
         step = "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
     result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
                   devices=len(devs) if mesh is not None else 1, batch=b, step=step, prompt_len=req.prompt_len,
                   chunks=chunks or None, cache_len=max_len, dtype=req.dtype, config=req.config,
-                  quantize=req.quantize, slots=(req.slots or b) if req.engine else None,
+                  quantize=req.quantize, slots=(req.slots or b) if kind else None,
                   attention=f"xla blockwise, {blocks_to_visit(platform)} key blocks of {BLOCK}",
                   compile_s=round(compile_s, 1))
     kv_heads = cfg.num_key_value_heads
     if mesh is not None and cfg.num_key_value_heads % mesh.shape["tensor"] == 0:
         kv_heads //= mesh.shape["tensor"]
-    rows = 1 if req.engine and req.prompt_len else b  # the engine packs its prompts into one row
+    rows = b if kind in (None, "decode") else 1  # the engine packs its prompts into one row; a piece is one row's
     per_dev_batch = rows // (mesh.shape["data"] if mesh is not None else 1)
     tokens = rows * (t if req.prompt_len else 1)  # a step's tokens: the prompt, one chunk of it, or one a row
-    result["roofline_bytes"] = roofline_bytes(cfg, pshard, itemsize, tokens, per_dev_batch,
-                                              t if req.prompt_len and not chunks else max_len, kv_heads)
+    if kind == "reuse":  # no token: one row of keys and values read and written
+        tokens = 0
+        result["roofline_bytes"] = 2 * 2 * cfg.num_hidden_layers * kv_heads * max_len * cfg.head_dim * itemsize
+    else:  # a packed piece attends over a cache of its own; generate's prompt, a row's piece over the row
+        result["roofline_bytes"] = roofline_bytes(cfg, pshard, itemsize, tokens, per_dev_batch,
+                                                  t if req.prompt_len and not chunks and kind != "piece" else max_len,
+                                                  kv_heads)
     if compiled is None:
         result.update(fits=False, error=fits_error)
         return result
@@ -336,14 +374,18 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     # holds (the last chunk's); over the distinct experts chosen, once per expert the step's tokens can touch
     # on a device. The decode loop's body is the step.
     local_experts = cfg.num_experts // (mesh.shape["expert"] if mesh is not None else 1)
-    horizon = t if req.engine and req.prompt_len else max_len  # the engine's packed piece has a cache of its own
+    horizon = t if kind == "prefill" else max_len  # the engine's packed piece has a cache of its own
     bound = lambda functions: (-(-horizon // BLOCK) if "_attend_blocks" in functions
                                else min(local_experts, tokens * cfg.num_experts_per_tok))
-    report = hlo_cost.analyze(text, set(range(len(jax.tree.leaves(params)))), step_loop=not (req.prompt_len or req.engine),
+    # (The copy step takes the weights only for jit_step's sake; unused, they are not in its program.)
+    weight_params = set() if kind == "reuse" else set(range(len(jax.tree.leaves(params))))
+    report = hlo_cost.analyze(text, weight_params, step_loop=not (req.prompt_len or kind),
                               loop_bound=bound)
     weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
                   for p, shape in iter_params(cfg))
     used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    if kind == "reuse":  # the weights it does not take are on the device all the same
+        used += weights
     result.update(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes, weight_bytes=weights,
@@ -357,7 +399,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     # products at the peak rate (a real step is slower than both).
     step_s = max(result["bytes_per_step"] / target.bandwidth, report.flops / target.peak_flops)
     result["est_step_ms"] = round(step_s * 1e3, 2)
-    result["est_tokens_per_s"] = round(tokens / step_s, 1)
+    result["est_tokens_per_s"] = round(tokens / step_s, 1) if tokens else None
     if chunks:  # the whole prompt: its chunks one after another (the last one costs about what the others do)
         result["est_prompt_s"] = round(chunks * step_s, 2)
     result["top_kernels"] = [dict(name=k.name, kind=k.kind, bytes=int((k.read + k.written) * k.runs), runs=k.runs)
@@ -416,9 +458,11 @@ def add_arguments(name: str, parser) -> None:
                         help="weight-only quantization of the projections: int8, fp8 or int8:BLOCK (docs/quantization.md)")
     parser.add_argument("--config", default="qwen2-57b-a14b-instruct",
                         help="an embedded config name or a config.json (default: the full Qwen2-57B-A14B)")
-    parser.add_argument("--engine", action="store_true",
-                        help="compile the serving engine's steps (qwen2-jax serve) instead of generate's: its decode "
-                             "step over --batch of --slots rows, or with --prompt-len its packed prefill")
+    parser.add_argument("--engine", nargs="?", const=True, default=False, choices=ENGINE_STEPS, metavar="STEP",
+                        help="compile a step of the serving engine (qwen2-jax serve) instead of generate's: decode "
+                             "(over --batch of --slots rows), prefill (packed prompts, --prompt-len tokens), piece "
+                             "(--prompt-len tokens of a long or partly cached prompt, over its row) or reuse (a "
+                             "freed row's prefix copied into a slot); alone: prefill with --prompt-len, else decode")
     parser.add_argument("--slots", type=_positive, default=None, metavar="N",
                         help="with --engine: the engine's decode slots (default: the batch)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")

@@ -56,8 +56,15 @@ def choose_platforms(command: str) -> None:
         jax.config.update("jax_platforms", "cpu")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with a bad flag reported in one line, as every other bad input is (``-h`` has the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen2-jax", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="qwen2-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

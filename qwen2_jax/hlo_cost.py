@@ -320,7 +320,7 @@ class Analyzer:
             if u.opcode in PASS_THROUGH:
                 total += self._reads(comp, u.name, full, chain)
             elif u.opcode in SLICING and u.operands[0] == name:
-                total += u.bytes
+                total += shape_bytes(u.shape, hbm_only=False)  # into VMEM too: read from HBM all the same
             elif u.opcode in ("dynamic-update-slice", "scatter") and u.operands[0] == name:
                 continue  # updated in place: the buffer is the output's
             elif u.opcode == "convolution" and u.operands[0] == name and instr is not None:
@@ -343,11 +343,14 @@ class Analyzer:
             return sum(self._written(comp, comp.by_name[o]) for o in instr.operands if o in comp.by_name)
         if instr.opcode in ("bitcast", "reshape") and instr.operands[0] in comp.by_name:
             return self._written(comp, comp.by_name[instr.operands[0]])
+        # An update written in place, in HBM when the output is, from wherever it is (XLA:TPU stages it in VMEM).
         if instr.opcode == "dynamic-update-slice":
-            return comp.by_name[instr.operands[1]].bytes if instr.operands[1] in comp.by_name else instr.bytes
+            update = comp.by_name.get(instr.operands[1])
+            return (shape_bytes(update.shape, hbm_only=False) if update is not None else instr.bytes) if instr.bytes else 0
         if instr.opcode == "scatter":
             n = (len(instr.operands) - 1) // 2
-            return sum(comp.by_name[o].bytes for o in instr.operands[-n:] if o in comp.by_name)
+            return sum(shape_bytes(comp.by_name[o].shape, hbm_only=False)
+                       for o in instr.operands[-n:] if o in comp.by_name) if instr.bytes else 0
         return instr.bytes
 
     def _computes(self, comp: Computation, depth: int = 0) -> bool:
@@ -470,15 +473,16 @@ class Analyzer:
             written = _first_array_bytes(i.shape) if "cublas" in kind or "cudnn" in kind else i.bytes
             computes = True
         elif op == "dynamic-update-slice":
-            read = written = sizes[1] if len(sizes) > 1 else i.bytes
+            read, written = (sizes[1], self._written(comp, i)) if len(sizes) > 1 else (i.bytes, i.bytes)
         elif op in ("copy-start", "slice-start", "dynamic-slice-start"):
             # Asynchronous copies and slices, e.g. XLA:TPU prefetching (a slice of) a weight into VMEM: a copy's
             # output tuple is (result, source, context), a slice's ((operands), result, context); what is read
             # is the result's worth of the source.
             result = _tuple_element(i.shape, 0 if op == "copy-start" else 1)
             read, written = shape_bytes(result, hbm_only=False), shape_bytes(result)
-        elif op in ("dynamic-slice", "slice"):
-            read = written = _first_array_bytes(i.shape)
+        elif op in ("dynamic-slice", "slice"):  # the slice, read from HBM and written to HBM where each is there
+            piece = _first_array_bytes(i.shape, hbm_only=False)
+            read, written = piece if sizes and sizes[0] else 0, _first_array_bytes(i.shape)
         else:
             read, written = sum(sizes), i.bytes
         base = op.removesuffix("-start")
@@ -596,9 +600,9 @@ def _tuple_element(shape: str, index: int) -> str:
     return parts[index] if index < len(parts) else ""
 
 
-def _first_array_bytes(shape: str) -> int:
+def _first_array_bytes(shape: str, hbm_only: bool = True) -> int:
     m = _ARRAY.search(shape)
-    return shape_bytes(m.group(0)) if m else 0
+    return shape_bytes(m.group(0), hbm_only) if m else 0
 
 
 def _group_size(attrs: str) -> int:

@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qwen2_jax  # noqa: E402
 from qwen2_jax.bench import QUARTER, bench_config, random_checkpoint  # noqa: E402
-from qwen2_jax.engine import Engine, Request, SamplingParams  # noqa: E402
+from qwen2_jax.engine import Engine, Request, SamplingParams, check_settings  # noqa: E402
+from qwen2_jax.errors import InputError  # noqa: E402
 
 
 def main():
@@ -38,8 +39,19 @@ def main():
     p.add_argument("--prefill-chunk", type=int, default=512, help="the engine's --prefill-chunk (default 512)")
     p.add_argument("--work-dir", help="where the random checkpoint is written (default ~/.cache/qwen2-jax/bench)")
     args = p.parse_args()
+    for flag in ("context", "answer", "new", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if (need := args.context + args.answer + args.new + 1) > args.max_len:
+        p.error(f"--context {args.context} + --answer {args.answer} + --new {args.new} + 1 (the token asked for) = "
+                f"{need} exceeds --max-len {args.max_len}")
 
     cfg = bench_config(args.config)
+    try:
+        check_settings(cfg.context_length, flags=True, slots=2, max_len=args.max_len,
+                       prefill_chunk=args.prefill_chunk, max_waiting=0)
+    except InputError as e:
+        p.error(str(e))
     model = qwen2_jax.from_pretrained(random_checkpoint(cfg, args.work_dir), dtype="float32")
     engine = Engine(model, slots=2, max_len=args.max_len, prefill_chunk=args.prefill_chunk, eos_token_ids=()).start()
     rng = np.random.default_rng(0)

@@ -94,6 +94,39 @@ def test_the_serving_engines_packed_prefill_compiles_for_a_piece_and_a_batch_bey
     assert "\n" not in str(e.value)
 
 
+def test_the_serving_engines_piece_step_reads_its_rows_whole_cache_and_its_copy_step_moves_only_one_row(tiny_config):
+    """``--engine piece``: a long or partly cached prompt's piece attends to its row's earlier tokens, so its
+    roofline is the packed prefill's of the same length with the rest of the row's cache read too.
+    ``--engine reuse``: copying a freed row's prefix reads one row and writes one, and takes no weight; a copy of
+    the whole 4-slot cache would move twice the bound asserted."""
+    req = lambda **kw: aot.Request(target="h200", slots=4, cache_len=64, config=tiny_config, **kw)
+    piece = aot.compile_step(req(engine="piece", prompt_len=20))
+    packed = aot.compile_step(req(engine="prefill", prompt_len=20))
+    row = 2 * TINY.num_hidden_layers * TINY.num_key_value_heads * TINY.head_dim * 2  # bf16 K and V, a position
+    assert piece["step"] == "serve-piece" and piece["fits"] and piece["unknown_trip_loops"] == 0
+    assert piece["roofline_bytes"] - packed["roofline_bytes"] == (64 - 32) * row  # a piece of 32 over 64 positions
+    assert piece["roofline_bytes"] <= piece["bytes_per_step"], piece
+
+    reuse = aot.compile_step(req(engine="reuse"))
+    assert reuse["step"] == "serve-reuse" and reuse["fits"] and reuse["est_tokens_per_s"] is None
+    assert reuse["roofline_bytes"] == 2 * 64 * row  # one row's 64 positions read and written
+    assert reuse["roofline_bytes"] <= reuse["bytes_per_step"] <= 2.5 * reuse["roofline_bytes"], reuse
+    assert reuse["weight_copy_bytes"] == 0 and reuse["flops_per_step"] == 0
+
+
+@pytest.mark.parametrize("engine, prompt_len, message", [
+    ("piece", None, "--engine piece needs --prompt-len (the tokens of its piece)"),
+    ("prefill", None, "--engine prefill needs --prompt-len (the tokens of its piece)"),
+    ("reuse", 16, "--engine reuse takes no --prompt-len (got 16)"),
+    ("decode", 16, "--engine decode takes no --prompt-len (got 16)"),
+    ("copy", None, "unknown engine step 'copy'; expected one of decode, prefill, piece, reuse")])
+def test_an_engine_step_and_a_prompt_length_that_do_not_go_together_are_refused_in_one_line(engine, prompt_len,
+                                                                                            message):
+    with pytest.raises(aot.AotError) as e:
+        aot.compile_step(aot.Request(engine=engine, prompt_len=prompt_len))
+    assert str(e.value) == message
+
+
 def test_the_roofline_counts_the_experts_a_batch_can_touch_and_the_whole_kv_cache():
     import jax
 

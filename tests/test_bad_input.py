@@ -507,3 +507,15 @@ def test_aot_refuses_a_bad_config_json_before_compiling_anything(tmp_path, capsy
     (tmp_path / "config.json").write_text(json.dumps({**VALID, "num_attention_heads": 0}))
     assert f"{tmp_path / 'config.json'}: num_attention_heads is 0; expected an integer >= 1" in refused(
         capsys, "aot", "--config", tmp_path)
+
+
+def test_a_bad_flag_value_is_one_line_naming_the_flag_with_exit_status_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["aot", "--engine", "copy"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("qwen2-jax aot: error: argument --engine: invalid choice: 'copy' (choose from "
+                                       "'decode', 'prefill', 'piece', 'reuse')\n")
+
+
+def test_aot_refuses_a_piece_step_without_its_length(capsys):
+    assert "--engine piece needs --prompt-len" in refused(capsys, "aot", "--engine", "piece")

@@ -93,6 +93,48 @@ def test_arrays_in_a_tpu_cores_own_memory_are_not_hbm_bytes():
     assert hlo_cost.shape_bytes("(f32[2,3], s8[10], pred[])") == 24 + 10 + 1
 
 
+# XLA:TPU copies a row of a cache [4, 64, 32] bf16 (a row: 4,096 bytes) through VMEM: a slice into VMEM, then an
+# update in place from VMEM, fused or not.
+TPU_ROW_COPY = """HloModule row_copy
+
+%fused_slice (p0: bf16[4,64,32], p1: s32[]) -> bf16[1,64,32] {
+  %p0 = bf16[4,64,32]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = s32[] parameter(1)
+  %c = s32[] constant(0)
+  ROOT %ds = bf16[1,64,32]{2,1,0:T(8,128)(2,1)S(1)} dynamic-slice(%p0, %p1, %c, %c), dynamic_slice_sizes={1,64,32}
+}
+
+%fused_update (p0: bf16[4,64,32], p1: bf16[1,64,32], p2: s32[]) -> bf16[4,64,32] {
+  %p0 = bf16[4,64,32]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %p1 = bf16[1,64,32]{2,1,0:T(8,128)(2,1)S(1)} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c = s32[] constant(0)
+  ROOT %dus = bf16[4,64,32]{2,1,0:T(8,128)(2,1)} dynamic-update-slice(%p0, %p1, %p2, %c, %c)
+}
+
+ENTRY %main (cache: bf16[4,64,32], source: s32[], slot: s32[]) -> bf16[4,64,32] {
+  %cache = bf16[4,64,32]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %source = s32[] parameter(1)
+  %slot = s32[] parameter(2)
+  %c = s32[] constant(0)
+  %row = bf16[1,64,32]{2,1,0:T(8,128)(2,1)S(1)} FUSED_SLICE
+  ROOT %out = bf16[4,64,32]{2,1,0:T(8,128)(2,1)} FUSED_UPDATE
+}
+"""
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_slice_into_vmem_reads_its_bytes_from_hbm_and_an_update_from_vmem_writes_them(fused):
+    text = TPU_ROW_COPY.replace("FUSED_SLICE", "fusion(%cache, %source), kind=kLoop, calls=%fused_slice" if fused else
+                                "dynamic-slice(%cache, %source, %c, %c), dynamic_slice_sizes={1,64,32}")
+    text = text.replace("FUSED_UPDATE", "fusion(%cache, %row, %slot), kind=kLoop, calls=%fused_update" if fused else
+                        "dynamic-update-slice(%cache, %row, %slot, %c, %c)")
+    report = hlo_cost.analyze(text)
+    row = 64 * 32 * 2
+    # the row read from the cache and written back into it; the VMEM copy between is not HBM; 4-byte indices
+    assert [(k.read, k.written) for k in report.kernels] == [(row + 4 * fused, 0), (4 * fused, row)]
+
+
 def test_collective_groups_in_every_form_xla_prints():
     assert hlo_cost._group_size("replica_groups={{0,1,2,3},{4,5,6,7}}") == 4
     assert hlo_cost._group_size("replica_groups=[2,4]<=[8]") == 4

@@ -116,3 +116,17 @@ def test_bench_prefix_cache_script_times_a_next_turn_with_and_without_its_prefix
     out = run("scripts/bench_prefix_cache.py", "--config", "tiny", "--context", "48", "--answer", "4", "--new", "8",
               "--repeats", "1", "--max-len", "128", "--prefill-chunk", "32", "--work-dir", str(tmp_path))
     assert "| next turn | 51 |" in out and "| nothing cached | 0 |" in out  # 48 + 4 answered - 1 never fed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--context", "100", "--answer", "20", "--new", "8", "--max-len", "128"),
+     "--context 100 + --answer 20 + --new 8 + 1 (the token asked for) = 129 exceeds --max-len 128"),
+    (("--max-len", "128", "--prefill-chunk", "48"), "--prefill-chunk 48 must be a power of two that divides --max-len"),
+    (("--new", "0",), "--new must be >= 1, got 0")])
+def test_bench_prefix_cache_script_refuses_lengths_that_do_not_fit_before_building_anything(tmp_path, flags, message):
+    proc = subprocess.run([sys.executable, "scripts/bench_prefix_cache.py", "--config", "tiny", "--context", "48",
+                           "--work-dir", str(tmp_path / "work"), *flags], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "work").exists()
