@@ -144,7 +144,7 @@ def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_d
 ENGINE_STEPS = ("decode", "prefill", "piece", "reuse")
 
 
-def engine_step(req: Request) -> str | None:
+def _engine_kind(req: Request) -> str | None:
     """The engine step ``req`` names (None: generate's), checked against its prompt length."""
     if req.engine is False or req.engine is None:
         return None
@@ -241,7 +241,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     if req.target not in TARGETS:
         raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
     target = TARGETS[req.target]
-    kind = engine_step(req)
+    kind = _engine_kind(req)
     from .params import param_dtype
     from .quant import QuantConfig
 

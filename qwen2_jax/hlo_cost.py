@@ -343,15 +343,16 @@ class Analyzer:
             return sum(self._written(comp, comp.by_name[o]) for o in instr.operands if o in comp.by_name)
         if instr.opcode in ("bitcast", "reshape") and instr.operands[0] in comp.by_name:
             return self._written(comp, comp.by_name[instr.operands[0]])
-        # An update written in place, in HBM when the output is, from wherever it is (XLA:TPU stages it in VMEM).
+        if instr.opcode not in ("dynamic-update-slice", "scatter"):
+            return instr.bytes
+        # An update written in place: in HBM where the output is, from wherever it is (XLA:TPU stages it in VMEM).
+        if not instr.bytes:
+            return 0
         if instr.opcode == "dynamic-update-slice":
             update = comp.by_name.get(instr.operands[1])
-            return (shape_bytes(update.shape, hbm_only=False) if update is not None else instr.bytes) if instr.bytes else 0
-        if instr.opcode == "scatter":
-            n = (len(instr.operands) - 1) // 2
-            return sum(shape_bytes(comp.by_name[o].shape, hbm_only=False)
-                       for o in instr.operands[-n:] if o in comp.by_name) if instr.bytes else 0
-        return instr.bytes
+            return shape_bytes(update.shape, hbm_only=False) if update is not None else instr.bytes
+        n = (len(instr.operands) - 1) // 2
+        return sum(shape_bytes(comp.by_name[o].shape, hbm_only=False) for o in instr.operands[-n:] if o in comp.by_name)
 
     def _computes(self, comp: Computation, depth: int = 0) -> bool:
         for i in comp.instrs:
