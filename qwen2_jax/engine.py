@@ -19,10 +19,12 @@ One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, dona
 - reads the tokens of the step before the one it just dispatched, so the device never waits for the host.
 
 Prefix caching: a freed slot's row keeps the keys and values of its request's tokens (prompt and generated,
-``Engine._held``) until another request is admitted into it. A new prompt that begins with enough of a freed row's
-tokens (at least ``MIN_PREFIX`` and half the prompt: a short shared head, such as a system prompt, is cheaper to
-prefill again packed with other prompts) gets that row copied into its slot (``_reuse``) and prefills only the
-rest, in pieces attending to the copied prefix: the next turn of a conversation prefills only the new message.
+``Engine._held``) until another request is admitted into it; a busy row holds its request's prompt once that is
+prefilled. A new prompt that begins with enough of a row's tokens (at least ``MIN_PREFIX`` and half the prompt: a
+short shared head, such as a system prompt, is cheaper to prefill again packed with other prompts) gets that row
+copied into its slot (``_reuse``) and prefills only the rest, in pieces attending to the copied prefix: the next
+turn of a conversation prefills only the new message, and a question about a document another client's request is
+reading prefills only the question.
 
 A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is shifted onto the end of the
 row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
@@ -808,13 +810,16 @@ class Engine:
         return True
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(row, tokens): the free row whose cached tokens begin ``prompt`` the furthest, and how many of them to
-        reuse (0: none worth it). The prompt's last token is always prefilled, for its logits."""
+        """(row, tokens): the row whose cached tokens (``_row_tokens``: a free row's, or a busy row's prompt) begin
+        ``prompt`` the furthest, and how many of them to reuse (0: none worth it). The prompt's last token is
+        always prefilled, for its logits."""
         if not self.prefix_caching:
             return 0, 0
         self.stats.prefix_cache_queries += len(prompt)
         ids, best, source = np.asarray(prompt[:-1]), 0, 0
-        for slot, held in enumerate(self._held):  # empty for a busy row: cleared when a request takes it
+        prefilling = {job.slot: job for job in self._prefilling}
+        for slot in range(self.slots):
+            held = self._row_tokens(slot, prefilling)
             n = min(len(held), len(ids))
             if n > best:
                 differ = np.flatnonzero(held[:n] != ids[:n])
@@ -824,6 +829,19 @@ class Engine:
             return 0, 0
         self.stats.prefix_cache_hits += best
         return source, best
+
+    def _row_tokens(self, slot: int, prefilling: dict[int, _Prefill]) -> np.ndarray:
+        """The tokens whose keys and values row ``slot`` holds, their writes dispatched (later steps run after a
+        copy dispatched now): a free row's last request's (``_held``); a busy row's prompt once prefilled, or the
+        pieces of it written so far. A busy row's generated tokens are left out: its prompt is what other
+        requests share, such as a long system prompt or a document asked about by several clients at once."""
+        r = self._slot_req[slot]
+        if r is None:
+            return self._held[slot]
+        job = prefilling.get(slot)
+        if job is None:
+            return np.asarray(r.prompt)
+        return np.asarray(r.prompt[:job.done] if job.pieces else [], np.int64)
 
     def _reuse_args(self, source: int, slot: int, prefix: list[int]):
         ids = np.full(self.max_len, self.config.vocab_size, np.int32)

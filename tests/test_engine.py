@@ -6,6 +6,7 @@ import importlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -142,6 +143,37 @@ def test_the_rest_of_a_prompt_after_its_cached_prefix_goes_in_pieces_when_longer
     tokens, _ = request.result(timeout=300)
     assert request.cached_tokens == 99
     assert tokens == generate(model, [follow], max_new_tokens=8, eos_token_ids=())[0]
+
+
+def test_a_prompt_that_begins_with_a_running_requests_prompt_copies_it_from_that_busy_row(engine, model):
+    document = prompts_of([40], seed=17)[0]
+    reader = engine.submit(Request(document, SamplingParams(max_tokens=MAX_LEN - 40)))
+    read = reader.events.get(timeout=60)[0]  # a first token: its prompt is in its row, and it decodes on
+    question = document + prompts_of([12], seed=18)[0]
+    asker = engine.submit(Request(question, SamplingParams(max_tokens=10)))
+    tokens, _ = asker.result(timeout=300)
+    assert not reader.finished  # the 40 tokens came from the row of a request still decoding
+    engine.abort(reader)
+    read += reader.result(timeout=60)[0]
+    assert asker.cached_tokens == 40
+    assert tokens == generate(model, [question], max_new_tokens=10, eos_token_ids=())[0]
+    # The copy left the reader's row as it was: its tokens before and after are generate's.
+    assert len(read) > 10 and read == generate(model, [document], max_new_tokens=len(read), eos_token_ids=())[0]
+
+
+def test_a_prompt_being_prefilled_in_pieces_shares_only_the_pieces_already_written(engine, model):
+    document = prompts_of([150], seed=19)[0]  # in pieces of 64, 64 and 22
+    question = document + prompts_of([12], seed=20)[0]
+    before = engine.prefills
+    reader = engine.submit(Request(document, SamplingParams(max_tokens=4)))
+    deadline = time.monotonic() + 120
+    while engine.prefills < before + 2 and time.monotonic() < deadline:  # two pieces dispatched
+        time.sleep(0)
+    asker = engine.submit(Request(question, SamplingParams(max_tokens=6)))
+    tokens, _ = asker.result(timeout=300)
+    reader.result(timeout=300)
+    assert asker.cached_tokens in (128, 150)  # the two pieces written, or the whole prompt if its last went too
+    assert tokens == generate(model, [question], max_new_tokens=6, eos_token_ids=())[0]
 
 
 def test_a_short_shared_head_is_prefilled_again_and_an_overwritten_row_is_not_reused(engine, model):
