@@ -260,6 +260,19 @@ def test_the_next_turn_of_a_chat_reuses_the_cached_conversation_and_usage_says_h
     assert answer.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_question_on_a_document_another_stream_is_still_reading_reuses_that_streams_prompt(server, client):
+    document = list(range(1000, 1040))  # token ids
+    reading = dict(GREEDY, prompt=document, max_tokens=MAX_LEN - 40, stream=True, ignore_eos=True)
+    conn, r = server.open("POST", "/v1/completions", reading)
+    try:
+        assert r.readline().startswith(b"data: ")  # the reader streams: its prompt is in its row
+        question = client.completions.create(prompt=document + [7, 8, 9], max_tokens=4, **GREEDY)
+        assert metric(server, "num_requests_running") == 1  # the reader is still going
+    finally:
+        conn.close()
+    assert question.usage.prompt_tokens_details.cached_tokens == 40
+
+
 @pytest.mark.parametrize("argv, on", [([], True), (["--no-prefix-caching"], False)])
 def test_no_prefix_caching_reaches_the_engine(checkpoint, monkeypatch, capsys, argv, on):
     made = {}
