@@ -831,10 +831,10 @@ class Engine:
         return source, best
 
     def _row_tokens(self, slot: int, prefilling: dict[int, _Prefill]) -> np.ndarray:
-        """The tokens whose keys and values row ``slot`` holds, their writes dispatched (later steps run after a
-        copy dispatched now): a free row's last request's (``_held``); a busy row's prompt once prefilled, or the
-        pieces of it written so far. A busy row's generated tokens are left out: its prompt is what other
-        requests share, such as a long system prompt or a document asked about by several clients at once."""
+        """The tokens whose keys and values row ``slot`` holds, counting only writes already dispatched (the device
+        runs them before a copy dispatched now): a free row's last request's (``_held``); a busy row's prompt
+        once its prefill is dispatched, or the pieces of it dispatched so far. A busy row's generated tokens are
+        left out: its prompt is what other requests share, such as a document several clients ask about."""
         r = self._slot_req[slot]
         if r is None:
             return self._held[slot]
