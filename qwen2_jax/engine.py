@@ -18,13 +18,14 @@ One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, dona
   XLA:CPU an idle row would cost as much as a busy one;
 - reads the tokens of the step before the one it just dispatched, so the device never waits for the host.
 
-Prefix caching: a freed slot's row keeps the keys and values of its request's tokens (prompt and generated,
-``Engine._held``) until another request is admitted into it; a busy row holds its request's prompt once that is
-prefilled. A new prompt that begins with enough of a row's tokens (at least ``MIN_PREFIX`` and half the prompt: a
-short shared head, such as a system prompt, is cheaper to prefill again packed with other prompts) gets that row
-copied into its slot (``_reuse``) and prefills only the rest, in pieces attending to the copied prefix: the next
-turn of a conversation prefills only the new message, and a question about a document another client's request is
-reading prefills only the question.
+Prefix caching: a freed slot's row keeps the keys and values of its request's tokens (prompt and generated) until
+a new request writes over it; a busy row holds its request's prompt once the prefill writing it is dispatched
+(``Engine._held``). Just before a prompt's first prefill call (``Engine._look_up``), a prompt that begins with enough
+of a row's tokens (at least ``MIN_PREFIX`` and half the prompt: a short shared head, such as a system prompt, is
+cheaper to prefill again packed with other prompts) gets that row copied into its slot (``_reuse``) and prefills only
+the rest, in pieces attending to the copied prefix: the next turn of a conversation prefills only the new message,
+and a question about a document that another request is reading, or that one just ahead of it in the queue is
+prefilling, prefills only the question.
 
 A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is shifted onto the end of the
 row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
@@ -477,6 +478,7 @@ class _Prefill:
     slot: int
     done: int = 0  # prompt tokens written
     pieces: bool = False  # in pieces into its row (a long prompt, or the rest of a cached prefix), not packed
+    looked_up: bool = False  # its prompt's head has been looked for in the rows (and copied, if found)
 
 
 def check_settings(context_length: int, *, flags: bool = False, **settings) -> None:
@@ -538,7 +540,11 @@ class Engine:
         self._packed: dict[int, Callable] = {}  # piece length -> compiled step
         self._piece: dict[int, Callable] = {}  # piece length -> compiled step
         self._reuse: Callable | None = None  # compiled: a freed row's prefix copied into a slot
-        self._held: list[np.ndarray] = [np.zeros(0, np.int64)] * slots  # tokens in each free row's cache
+        # The tokens whose keys and values each row holds, counting only writes already dispatched (the device runs
+        # them before a copy dispatched now): a finished request's prompt and output, a running one's prompt, the
+        # pieces of a prompt dispatched so far, a copied prefix; a row whose new request has written nothing yet
+        # still holds its last request's.
+        self._held: list[np.ndarray] = [np.zeros(0, np.int64)] * slots
         self._decode: dict[int, Callable] = {}  # rows -> compiled step
         self._state = None
         self._lock = threading.Condition()
@@ -727,11 +733,12 @@ class Engine:
         """One prefill call: the next piece of a prompt longer than ``prefill_chunk`` if one is first in line,
         else the whole prompts next in line that fit in one packed piece."""
         self.prefills += 1
-        job = self._prefilling[0]
+        job = self._look_up(self._prefilling[0])
         if job.pieces:
             args, n = self._piece_args(job)
             self._state, out = self._piece[args[1].shape[1]](self._params, self._views, self._state, *args)
             job.done += n
+            self._held[job.slot] = np.asarray(job.request.prompt[:job.done])
             if job.done == len(job.request.prompt):
                 self._prefilling.popleft()
                 self._keep[job.slot] = True
@@ -739,13 +746,16 @@ class Engine:
                 self._pending.append((out, "prefill", [(job.slot, job.request)]))
             return
         jobs, total = [], 0
-        while (self._prefilling and len(jobs) < self._segments(self.chunk) and not self._prefilling[0].pieces
+        while (self._prefilling and len(jobs) < self._segments(self.chunk)
+               and not self._look_up(self._prefilling[0]).pieces
                and total + len(self._prefilling[0].request.prompt) <= self.chunk):
             jobs.append(self._prefilling.popleft())
             total += len(jobs[-1].request.prompt)
         t = bucket(total, MIN_PROMPT_BUCKET)  # holds min(slots, t) prompts: each has a token at least
         self._keep[[j.slot for j in jobs]] = True
         self._state, out = self._packed[t](self._params, self._views, self._state, *self._packed_args(jobs, t))
+        for j in jobs:
+            self._held[j.slot] = np.asarray(j.request.prompt)
         out.copy_to_host_async()
         self._pending.append((out, "prefill", [(j.slot, j.request) for j in jobs]))
 
@@ -783,20 +793,11 @@ class Engine:
             for r in [r for r in self._waiting if r.id in aborted]:
                 self._waiting.remove(r)
                 self._finish(r, "abort")
-            reuses = []
             for slot in range(self.slots):
                 if self._slot_req[slot] is None and self._waiting:
                     r = self._waiting.popleft()
-                    source, cached = self._cached_prefix(r.prompt)
-                    self._slot_req[slot], self._held[slot] = r, np.zeros(0, np.int64)
-                    self._prefilling.append(_Prefill(r, slot, done=cached,
-                                                     pieces=cached > 0 or len(r.prompt) > self.chunk))
-                    if cached:
-                        reuses.append((source, slot, r.prompt[:cached]))
-                    r.cached_tokens = cached
-        # Copies of cached prefixes go first: a later prefill may write over their source rows.
-        for source, slot, prefix in reuses:
-            self._state, _ = self._reuse(self._params, self._views, self._state, *self._reuse_args(source, slot, prefix))
+                    self._slot_req[slot] = r
+                    self._prefilling.append(_Prefill(r, slot, pieces=len(r.prompt) > self.chunk))
         # One prefill call (up to prefill_chunk prompt tokens), then a decode step for the running slots.
         if self._prefilling:
             self._dispatch_prefill()
@@ -809,17 +810,31 @@ class Engine:
             self._read(*self._pending.popleft())
         return True
 
+    def _look_up(self, job: _Prefill) -> _Prefill:
+        """Before a job's first prefill call: the longest head of its prompt that a row holds, copied into its row
+        (``_reuse``) when worth it, the rest then prefilled in pieces. Looked up this late, a prompt that waited
+        behind another with the same head (a burst of questions on one document) finds that head written."""
+        if job.looked_up:
+            return job
+        job.looked_up = True
+        prompt = job.request.prompt
+        source, cached = self._cached_prefix(prompt)
+        if cached:
+            args = self._reuse_args(source, job.slot, prompt[:cached])
+            self._state, _ = self._reuse(self._params, self._views, self._state, *args)
+            self._held[job.slot] = np.asarray(prompt[:cached])
+            job.done, job.pieces = cached, True
+        job.request.cached_tokens = cached
+        return job
+
     def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(row, tokens): the row whose cached tokens (``_row_tokens``: a free row's, or a busy row's prompt) begin
-        ``prompt`` the furthest, and how many of them to reuse (0: none worth it). The prompt's last token is
-        always prefilled, for its logits."""
+        """(row, tokens): the row whose held tokens (``_held``) begin ``prompt`` the furthest, and how many of them
+        to reuse (0: none worth it). The prompt's last token is always prefilled, for its logits."""
         if not self.prefix_caching:
             return 0, 0
         self.stats.prefix_cache_queries += len(prompt)
         ids, best, source = np.asarray(prompt[:-1]), 0, 0
-        prefilling = {job.slot: job for job in self._prefilling}
-        for slot in range(self.slots):
-            held = self._row_tokens(slot, prefilling)
+        for slot, held in enumerate(self._held):
             n = min(len(held), len(ids))
             if n > best:
                 differ = np.flatnonzero(held[:n] != ids[:n])
@@ -829,19 +844,6 @@ class Engine:
             return 0, 0
         self.stats.prefix_cache_hits += best
         return source, best
-
-    def _row_tokens(self, slot: int, prefilling: dict[int, _Prefill]) -> np.ndarray:
-        """The tokens whose keys and values row ``slot`` holds, counting only writes already dispatched (the device
-        runs them before a copy dispatched now): a free row's last request's (``_held``); a busy row's prompt
-        once its prefill is dispatched, or the pieces of it dispatched so far. A busy row's generated tokens are
-        left out: its prompt is what other requests share, such as a document several clients ask about."""
-        r = self._slot_req[slot]
-        if r is None:
-            return self._held[slot]
-        job = prefilling.get(slot)
-        if job is None:
-            return np.asarray(r.prompt)
-        return np.asarray(r.prompt[:job.done] if job.pieces else [], np.int64)
 
     def _reuse_args(self, source: int, slot: int, prefix: list[int]):
         ids = np.full(self.max_len, self.config.vocab_size, np.int32)

@@ -1,6 +1,6 @@
 """Time to first token of a prompt whose head is in the engine's prefix cache, against a prompt of the same length
-with nothing cached: a conversation's next turn after its earlier turn finished, and a question about a document
-that another request is still reading.
+with nothing cached: a conversation's next turn after its earlier turn finished, a question about a document that
+another request is still reading, and one sent together with the document's first request.
 
     python scripts/bench_prefix_cache.py [--config qwen2-57b-a14b-quarter] [--context 1024] [--answer 32]
         [--new 32] [--repeats 3] [--max-len 2048] [--prefill-chunk 512]
@@ -13,7 +13,9 @@ token; then a prompt of the same length sharing nothing with anything sent befor
 a reader decoding in the other slot (``--context`` tokens of a document, asking for the rest of ``--max-len``): a
 question of the same length, that document followed by ``--answer`` + ``--new`` tokens, sent after the reader's
 first token; and, beside another reader, a prompt of that length sharing nothing. Each reader is aborted once the
-prompt timed beside it has its first token. Reported: the best and median of each, and the tokens found cached.
+prompt timed beside it has its first token. Then the same question sent together with a first request of its
+document (one token asked for), queued behind that request's prefill; and a prompt sharing nothing sent together
+with an unrelated one. Reported: the best and median of each, and the tokens found cached.
 """
 
 from __future__ import annotations
@@ -76,8 +78,17 @@ def main():
         reader.result(timeout=3600)
         return timed
 
+    def behind(first, prompt):
+        ahead = engine.submit(Request(first, SamplingParams(max_tokens=1)))
+        timed = first_token(prompt)
+        ahead.result(timeout=3600)
+        return timed
+
     length = args.context + args.answer + args.new
-    times = {kind: [] for kind in ("next turn", "nothing cached", "question on a read document", "nothing shared")}
+    situation = {"next turn": "alone", "nothing cached": "alone", "question on a read document": "beside a reader",
+                 "nothing shared": "beside a reader", "question behind its document": "sent with another",
+                 "behind an unrelated prompt": "sent with another"}
+    times = {kind: [] for kind in situation}
     cached = {kind: set() for kind in times}
 
     def record(kind, timed):
@@ -93,20 +104,22 @@ def main():
             document = fresh(args.context)
             record("question on a read document", beside_a_reader(document, document + fresh(length - args.context)))
             record("nothing shared", beside_a_reader(fresh(args.context), fresh(length)))
+            document = fresh(args.context)
+            record("question behind its document", behind(document, document + fresh(length - args.context)))
+            record("behind an unrelated prompt", behind(fresh(args.context), fresh(length)))
     finally:
         engine.stop()
     print(f"config {args.config}: prompts of {length} tokens ({args.context} + {args.answer} answered + {args.new} "
           f"new), {args.repeats} repeats, --max-len {args.max_len} --prefill-chunk {args.prefill_chunk}")
-    print("| prompt | beside a reader | tokens cached | TTFT best (ms) | TTFT median (ms) |")
+    print("| prompt | sent | tokens cached | TTFT best (ms) | TTFT median (ms) |")
     print("|---|---|---|---|---|")
     for kind, ms in times.items():
-        beside = "yes" if kind in ("question on a read document", "nothing shared") else "no"
-        print(f"| {kind} | {beside} | {', '.join(map(str, sorted(cached[kind])))} | {min(ms):,.0f} | "
+        print(f"| {kind} | {situation[kind]} | {', '.join(map(str, sorted(cached[kind])))} | {min(ms):,.0f} | "
               f"{statistics.median(ms):,.0f} |")
     median = {kind: statistics.median(ms) for kind, ms in times.items()}
     print(f"time to first token, median: {median['nothing cached'] / median['next turn']:.1f}x shorter for the next "
-          f"turn, {median['nothing shared'] / median['question on a read document']:.1f}x for a running request's "
-          "document")
+          f"turn, {median['nothing shared'] / median['question on a read document']:.1f}x beside a reader, "
+          f"{median['behind an unrelated prompt'] / median['question behind its document']:.1f}x behind its document")
 
 
 if __name__ == "__main__":
