@@ -539,7 +539,7 @@ class Engine:
         self.rows = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
         self._packed: dict[int, Callable] = {}  # piece length -> compiled step
         self._piece: dict[int, Callable] = {}  # piece length -> compiled step
-        self._reuse: Callable | None = None  # compiled: a freed row's prefix copied into a slot
+        self._reuse: Callable | None = None  # compiled: a row's prefix copied into a slot
         # The tokens whose keys and values each row holds, counting only writes already dispatched (the device runs
         # them before a copy dispatched now): a finished request's prompt and output, a running one's prompt, the
         # pieces of a prompt dispatched so far, a copied prefix; a row whose new request has written nothing yet
