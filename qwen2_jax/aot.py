@@ -8,7 +8,7 @@ placed as ``generate`` places them: the decode loop by default (its body is one 
 ``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats); with ``--engine``, the steps of
 ``qwen2-jax serve`` instead (``qwen2_jax.engine``: a decode step over the first ``--batch`` of ``--slots`` rows,
 or the packed prefill of a ``--prompt-len`` piece; ``--engine piece``, the piece of a long or partly cached prompt,
-which attends to its row's earlier tokens; ``--engine reuse``, the copy of a freed row's cached prefix into a
+which attends to its row's earlier tokens; ``--engine reuse``, the copy of a row's cached prefix into a
 slot). Nothing is allocated.
 
 From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
@@ -161,7 +161,7 @@ def _engine_kind(req: Request) -> str | None:
 def _engine_step(req: Request, kind: str, cfg, graphdef, params, mesh, device, dtype, platform: str, max_len: int):
     """The serving engine's step ``kind``, lowered: a decode step over the first ``req.batch`` of ``req.slots``
     slots; the packed prefill of a piece of ``req.prompt_len`` tokens, padded as the engine pads it; the piece
-    (``_prefill``) of a long or partly cached prompt, as long, into one slot's row; or the copy of a freed
+    (``_prefill``) of a long or partly cached prompt, as long, into one slot's row; or the copy of a
     row's prefix into a slot (``_reuse``). -> (lowered, step name, the piece's length)."""
     import jax
     import jax.numpy as jnp
@@ -462,7 +462,7 @@ def add_arguments(name: str, parser) -> None:
                         help="compile a step of the serving engine (qwen2-jax serve) instead of generate's: decode "
                              "(over --batch of --slots rows), prefill (packed prompts, --prompt-len tokens), piece "
                              "(--prompt-len tokens of a long or partly cached prompt, over its row) or reuse (a "
-                             "freed row's prefix copied into a slot); alone: prefill with --prompt-len, else decode")
+                             "row's prefix copied into a slot); alone: prefill with --prompt-len, else decode")
     parser.add_argument("--slots", type=_positive, default=None, metavar="N",
                         help="with --engine: the engine's decode slots (default: the batch)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")

@@ -500,8 +500,8 @@ def check_settings(context_length: int, *, flags: bool = False, **settings) -> N
 class Engine:
     """Continuous batching of ``slots`` requests at a time over a model (``from_pretrained``), each request
     using at most ``max_len`` positions (prompt + max_tokens). ``max_waiting``: requests that may wait for a
-    slot (``submit`` raises QueueFull past it). ``prefix_caching``: reuse freed rows' keys and values for prompts
-    that begin with their tokens. ``start()`` compiles every shape and starts the thread."""
+    slot (``submit`` raises QueueFull past it). ``prefix_caching``: reuse rows' keys and values for prompts that
+    begin with their tokens. ``start()`` compiles every shape and starts the thread."""
 
     def __init__(self, model, *, slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
                  max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None, prefix_caching: bool = True):
@@ -852,7 +852,7 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         r = self._slot_req[slot]
-        if self.prefix_caching and r is not None and r.output:
+        if r is not None and r.output:
             # The row holds the prompt and every token but the last, each fed to a step already read. Idle decode
             # steps write at the row's length, past these, or at its last position when the row is full, which no
             # prompt reuses (a prompt leaves a position for max_tokens, and its last token is always prefilled).

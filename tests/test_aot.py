@@ -97,7 +97,7 @@ def test_the_serving_engines_packed_prefill_compiles_for_a_piece_and_a_batch_bey
 def test_the_serving_engines_piece_step_reads_its_rows_whole_cache_and_its_copy_step_moves_only_one_row(tiny_config):
     """``--engine piece``: a long or partly cached prompt's piece attends to its row's earlier tokens, so its
     roofline is the packed prefill's of the same length with the rest of the row's cache read too.
-    ``--engine reuse``: copying a freed row's prefix reads one row and writes one, and takes no weight; a copy of
+    ``--engine reuse``: copying a row's prefix reads one row and writes one, and takes no weight; a copy of
     the whole 4-slot cache would move twice the bound asserted."""
     req = lambda **kw: aot.Request(target="h200", slots=4, cache_len=64, config=tiny_config, **kw)
     piece = aot.compile_step(req(engine="piece", prompt_len=20))
