@@ -18,14 +18,16 @@ One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, dona
   XLA:CPU an idle row would cost as much as a busy one;
 - reads the tokens of the step before the one it just dispatched, so the device never waits for the host.
 
-Prefix caching: a freed slot's row keeps the keys and values of its request's tokens (prompt and generated) until
-a new request writes over it; a busy row holds its request's prompt once the prefill writing it is dispatched
-(``Engine._held``). Just before a prompt's first prefill call (``Engine._look_up``), a prompt that begins with enough
-of a row's tokens (at least ``MIN_PREFIX`` and half the prompt: a short shared head, such as a system prompt, is
-cheaper to prefill again packed with other prompts) gets that row copied into its slot (``_reuse``) and prefills only
-the rest, in pieces attending to the copied prefix: the next turn of a conversation prefills only the new message,
-and a question about a document that another request is reading, or that one just ahead of it in the queue is
-prefilling, prefills only the question.
+Prefix caching: a freed slot's row keeps the keys and values of its request's tokens (prompt and generated); a busy
+row holds its request's prompt once the prefill writing it is dispatched (``Engine._held``). Just before a prompt's
+first prefill call (``Engine._look_up``), a prompt that begins with enough of a row's tokens (at least
+``MIN_PREFIX`` and half the prompt: a short shared head, such as a system prompt, is cheaper to prefill again packed
+with other prompts) gets that row copied into its slot (``_reuse``) and prefills only the rest, in pieces attending
+to the copied prefix: the next turn of a conversation prefills only the new message, and a question about a
+document that another request is reading, or that one just ahead of it in the queue is prefilling, prefills only
+the question. A request admitted into a row first moves that row's tokens aside (``Engine._move_aside``: copied into
+the free row holding the least, which is nothing, a duplicate, or else the least recently used tokens), so the free
+rows above the busy ones keep the most recent conversations while requests still take the lowest rows.
 
 A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is shifted onto the end of the
 row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
@@ -545,6 +547,9 @@ class Engine:
         # pieces of a prompt dispatched so far, a copied prefix; a row whose new request has written nothing yet
         # still holds its last request's.
         self._held: list[np.ndarray] = [np.zeros(0, np.int64)] * slots
+        # When each row's held tokens were last released or copied from: the least recently used are given up first.
+        self._used = np.zeros(slots, np.int64)
+        self._clock = 0
         self._decode: dict[int, Callable] = {}  # rows -> compiled step
         self._state = None
         self._lock = threading.Condition()
@@ -793,11 +798,15 @@ class Engine:
             for r in [r for r in self._waiting if r.id in aborted]:
                 self._waiting.remove(r)
                 self._finish(r, "abort")
+            admitted = []
             for slot in range(self.slots):
                 if self._slot_req[slot] is None and self._waiting:
                     r = self._waiting.popleft()
                     self._slot_req[slot] = r
                     self._prefilling.append(_Prefill(r, slot, pieces=len(r.prompt) > self.chunk))
+                    admitted.append((slot, r))
+        if admitted and self.prefix_caching:
+            self._move_aside(admitted)
         # One prefill call (up to prefill_chunk prompt tokens), then a decode step for the running slots.
         if self._prefilling:
             self._dispatch_prefill()
@@ -817,23 +826,22 @@ class Engine:
         if job.looked_up:
             return job
         job.looked_up = True
-        prompt = job.request.prompt
-        source, cached = self._cached_prefix(prompt)
-        if cached:
-            args = self._reuse_args(source, job.slot, prompt[:cached])
-            self._state, _ = self._reuse(self._params, self._views, self._state, *args)
-            self._held[job.slot] = np.asarray(prompt[:cached])
-            job.done, job.pieces = cached, True
+        prompt, cached = job.request.prompt, 0
+        if self.prefix_caching:
+            self.stats.prefix_cache_queries += len(prompt)
+            source, cached = self._head(prompt)
+            if cached:
+                self.stats.prefix_cache_hits += cached
+                self._copy(source, job.slot, prompt[:cached])
+                self._touch(source)
+                job.done, job.pieces = cached, True
         job.request.cached_tokens = cached
         return job
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[int, int]:
+    def _head(self, prompt: list[int]) -> tuple[int, int]:
         """(row, tokens): the row whose held tokens (``_held``) begin ``prompt`` the furthest, and how many of them
-        to reuse (0: none worth it). The prompt's last token is always prefilled, for its logits."""
-        if not self.prefix_caching:
-            return 0, 0
-        self.stats.prefix_cache_queries += len(prompt)
-        ids, best, source = np.asarray(prompt[:-1]), 0, 0
+        to reuse; (-1, 0) if none is worth it. The prompt's last token is always prefilled, for its logits."""
+        ids, best, source = np.asarray(prompt[:-1]), 0, -1
         for slot, held in enumerate(self._held):
             n = min(len(held), len(ids))
             if n > best:
@@ -841,9 +849,43 @@ class Engine:
                 if (same := int(differ[0]) if differ.size else n) > best:
                     best, source = same, slot
         if best < MIN_PREFIX or 2 * best < len(prompt) or not self._pieces_fit(best, len(prompt)):
-            return 0, 0
-        self.stats.prefix_cache_hits += best
+            return -1, 0
         return source, best
+
+    def _move_aside(self, admitted: list[tuple[int, Request]]) -> None:
+        """Before new requests write over the rows they were admitted into: the tokens each of those rows holds
+        copied into the free row that holds the least (nothing, tokens another row holds too, else the least
+        recently used), so that a conversation's next turn finds its tokens however many requests came between,
+        while the busy rows stay the lowest (the decode step stays narrow). Not moved: what a row's own new
+        request will reuse, or another row holds too; never over newer tokens, nor over a row a new prompt will
+        copy from."""
+        taken = {slot for slot, _ in admitted}
+        wanted = {self._head(r.prompt)[0] for _, r in admitted}
+
+        def spare(row: int) -> bool:  # holds nothing that a row no new request writes over does not hold too
+            held = self._held[row]
+            return not len(held) or any(other != row and other not in taken and len(h) >= len(held)
+                                        and np.array_equal(h[:len(held)], held) for other, h in enumerate(self._held))
+
+        for slot, r in admitted:
+            if len(self._held[slot]) < MIN_PREFIX or self._head(r.prompt)[0] == slot or spare(slot):
+                continue
+            free = [s for s in range(self.slots) if self._slot_req[s] is None and s not in wanted]
+            if not free:
+                return
+            target = min(free, key=lambda s: (not spare(s), self._used[s]))
+            if spare(target) or self._used[target] < self._used[slot]:
+                self._copy(slot, target, self._held[slot])
+                self._used[target] = self._used[slot]
+
+    def _copy(self, source: int, slot: int, prefix) -> None:
+        """Dispatches the copy of row ``source``'s first ``len(prefix)`` tokens into row ``slot``."""
+        self._state, _ = self._reuse(self._params, self._views, self._state, *self._reuse_args(source, slot, prefix))
+        self._held[slot] = np.asarray(prefix)
+
+    def _touch(self, row: int) -> None:
+        self._clock += 1
+        self._used[row] = self._clock
 
     def _reuse_args(self, source: int, slot: int, prefix: list[int]):
         ids = np.full(self.max_len, self.config.vocab_size, np.int32)
@@ -857,6 +899,7 @@ class Engine:
             # steps write at the row's length, past these, or at its last position when the row is full, which no
             # prompt reuses (a prompt leaves a position for max_tokens, and its last token is always prefilled).
             self._held[slot] = np.asarray(r.prompt + r.output[:-1])
+            self._touch(slot)
         self._slot_req[slot] = None
         self._keep[slot] = False
         self._prefilling = collections.deque(j for j in self._prefilling if j.slot != slot)

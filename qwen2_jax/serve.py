@@ -439,7 +439,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="prefill every prompt whole; by default a prompt that begins with the tokens of a "
                              "finished request (the next turn of a conversation) or with another request's prompt "
-                             "reuses their keys and values")
+                             "reuses their keys and values, kept in the free rows until the least recently used "
+                             "are given up")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
     add_mesh_argument(parser)

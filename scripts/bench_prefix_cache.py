@@ -1,6 +1,7 @@
 """Time to first token of a prompt whose head is in the engine's prefix cache, against a prompt of the same length
-with nothing cached: a conversation's next turn after its earlier turn finished, a question about a document that
-another request is still reading, and one sent together with the document's first request.
+with nothing cached: a conversation's next turn after its earlier turn finished (and after another client's request
+came between), a question about a document that another request is still reading, and one sent together with the
+document's first request.
 
     python scripts/bench_prefix_cache.py [--config qwen2-57b-a14b-quarter] [--context 1024] [--answer 32]
         [--new 32] [--repeats 3] [--max-len 2048] [--prefill-chunk 512]
@@ -9,7 +10,9 @@ another request is still reading, and one sent together with the document's firs
 One ``qwen2_jax.engine.Engine`` (float32, the config's random checkpoint, seed 0, 2 slots). Each repeat, with the
 engine otherwise idle: a first turn of ``--context`` random prompt tokens answered with ``--answer`` tokens
 (greedy); the next turn, that prompt and answer followed by ``--new`` tokens, timed from submission to its first
-token; then a prompt of the same length sharing nothing with anything sent before, timed the same way. Then, with
+token; the same again with another request of ``--context`` tokens (one token asked for) between the two turns,
+which takes the first turn's row (its tokens move aside); then a prompt of the same length sharing nothing with
+anything sent before, timed the same way. Then, with
 a reader decoding in the other slot (``--context`` tokens of a document, asking for the rest of ``--max-len``): a
 question of the same length, that document followed by ``--answer`` + ``--new`` tokens, sent after the reader's
 first token; and, beside another reader, a prompt of that length sharing nothing. Each reader is aborted once the
@@ -85,7 +88,8 @@ def main():
         return timed
 
     length = args.context + args.answer + args.new
-    situation = {"next turn": "alone", "nothing cached": "alone", "question on a read document": "beside a reader",
+    situation = {"next turn": "alone", "next turn, another request between": "alone", "nothing cached": "alone",
+                 "question on a read document": "beside a reader",
                  "nothing shared": "beside a reader", "question behind its document": "sent with another",
                  "behind an unrelated prompt": "sent with another"}
     times = {kind: [] for kind in situation}
@@ -100,6 +104,10 @@ def main():
             context = fresh(args.context)
             answer, _, _ = first_token(context, args.answer)
             record("next turn", first_token(context + answer + fresh(args.new)))
+            context = fresh(args.context)
+            answer, _, _ = first_token(context, args.answer)
+            first_token(fresh(args.context))  # another client's request, into the row the first turn used
+            record("next turn, another request between", first_token(context + answer + fresh(args.new)))
             record("nothing cached", first_token(fresh(length)))
             document = fresh(args.context)
             record("question on a read document", beside_a_reader(document, document + fresh(length - args.context)))
@@ -118,7 +126,8 @@ def main():
               f"{statistics.median(ms):,.0f} |")
     median = {kind: statistics.median(ms) for kind, ms in times.items()}
     print(f"time to first token, median: {median['nothing cached'] / median['next turn']:.1f}x shorter for the next "
-          f"turn, {median['nothing shared'] / median['question on a read document']:.1f}x beside a reader, "
+          f"turn ({median['nothing cached'] / median['next turn, another request between']:.1f}x with another "
+          f"request between), {median['nothing shared'] / median['question on a read document']:.1f}x beside a reader, "
           f"{median['behind an unrelated prompt'] / median['question behind its document']:.1f}x behind its document")
 
 

@@ -1,6 +1,7 @@
 """The continuous-batching engine in-process: a request's tokens do not depend on its neighbours, nothing
 compiles after start-up, each slot stops on its own, aborted slots are freed, the queue is bounded, a prompt
-that begins with a finished request's tokens reuses their keys and values."""
+that begins with a row's tokens reuses their keys and values, and a finished request's tokens move aside for the
+next request, the least recently used given up first."""
 
 import importlib
 import subprocess
@@ -171,19 +172,51 @@ def test_a_prompt_queued_behind_another_with_the_same_head_copies_that_head_once
     assert tokens == generate(model, [question], max_new_tokens=6, eos_token_ids=())[0]
 
 
-def test_a_short_shared_head_is_prefilled_again_and_an_overwritten_row_is_not_reused(engine, model):
+def test_a_short_shared_head_or_less_than_half_the_prompt_is_prefilled_again(engine, model):
     head = prompts_of([12], seed=10)[0]
     first = head + prompts_of([30], seed=11)[0]
     run_all(engine, [first], SamplingParams(max_tokens=4))
     short_head = engine.submit(Request(head + prompts_of([30], seed=13)[0], SamplingParams(max_tokens=4)))
-    less_than_half = engine.submit(Request(first[:20] + prompts_of([30], seed=14)[0], SamplingParams(max_tokens=4)))
-    assert [short_head.result(timeout=300)[1], less_than_half.result(timeout=300)[1]] == ["length", "length"]
+    less_than_half = engine.submit(Request(first[:20] + prompts_of([30], seed=14)[0], SamplingParams(max_tokens=6)))
+    assert short_head.result(timeout=300)[1] == "length"
+    tokens, _ = less_than_half.result(timeout=300)
     assert short_head.cached_tokens == less_than_half.cached_tokens == 0
-    # ``first`` ran alone in the lowest slot; the next request took that slot and wrote over its tokens.
-    again = engine.submit(Request(first + [7, 7], SamplingParams(max_tokens=6)))
-    tokens, _ = again.result(timeout=300)
-    assert again.cached_tokens == 0
-    assert tokens == generate(model, [first + [7, 7]], max_new_tokens=6, eos_token_ids=())[0]
+    assert tokens == generate(model, [less_than_half.prompt], max_new_tokens=6, eos_token_ids=())[0]
+
+
+@pytest.fixture(scope="module")
+def two_rows(model):
+    engine = Engine(model, slots=2, max_len=64, prefill_chunk=32, eos_token_ids=()).start()
+    yield engine
+    engine.stop()
+
+
+def conversation(engine, seed):
+    """A first turn of 20 tokens answered with 4; -> (the next turn's prompt: 23 tokens its row holds, then 3)."""
+    first = prompts_of([20], seed=seed)[0]
+    answer, _ = run_all(engine, [first], SamplingParams(max_tokens=4))[0]
+    return first + answer + prompts_of([3], seed=seed + 100)[0]
+
+
+def test_a_finished_requests_tokens_move_aside_for_the_next_request_so_its_next_turn_still_finds_them(two_rows, model):
+    # One request at a time: each takes the lowest row, the one the request before it used.
+    follow = conversation(two_rows, seed=30)
+    conversation(two_rows, seed=31)  # another client's request between the two turns
+    request = two_rows.submit(Request(follow, SamplingParams(max_tokens=6)))
+    tokens, _ = request.result(timeout=300)
+    assert request.cached_tokens == 23
+    assert tokens == generate(model, [follow], max_new_tokens=6, eos_token_ids=())[0]
+
+
+def test_with_every_row_holding_newer_tokens_the_least_recently_used_are_given_up(two_rows, model):
+    # One request at a time into two rows: b's first turn moved a's tokens aside, c's moved b's over them.
+    a, b, c = (conversation(two_rows, seed) for seed in (32, 33, 34))
+    turns, tokens = [], []
+    for prompt in (a, c, b):  # a's next turn moves c's tokens over b's (older); c's finds them; b's finds nothing
+        turns.append(two_rows.submit(Request(prompt, SamplingParams(max_tokens=4))))
+        tokens.append(turns[-1].result(timeout=300)[0])
+    assert [r.cached_tokens for r in turns] == [0, 23, 0]
+    assert tokens == [generate(model, [p], max_new_tokens=4, eos_token_ids=())[0] for p in (a, c, b)]
 
 
 def test_an_aborted_requests_delivered_tokens_are_cached_as_its_row_holds_them(engine, model):

@@ -112,10 +112,11 @@ def test_bench_serve_script_loads_our_server_at_each_concurrency_in_its_tiny_mod
     assert result["generate_b8_decode_tokens_per_s"] > 0 and os.path.isfile(tmp_path / "serve.png")
 
 
-def test_bench_prefix_cache_script_times_prompts_with_a_finished_running_or_queued_requests_tokens_cached(tmp_path):
+def test_bench_prefix_cache_script_times_prompts_with_a_finished_moved_running_or_queued_requests_tokens_cached(tmp_path):
     out = run("scripts/bench_prefix_cache.py", "--config", "tiny", "--context", "48", "--answer", "4", "--new", "8",
               "--repeats", "1", "--max-len", "128", "--prefill-chunk", "32", "--work-dir", str(tmp_path))
     assert "| next turn | alone | 51 |" in out and "| nothing cached | alone | 0 |" in out  # 48 + 4 answered - 1 unfed
+    assert "| next turn, another request between | alone | 51 |" in out
     assert "| question on a read document | beside a reader | 48 |" in out
     assert "| question behind its document | sent with another | 48 |" in out
     assert "| nothing shared | beside a reader | 0 |" in out
