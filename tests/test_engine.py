@@ -219,6 +219,26 @@ def test_with_every_row_holding_newer_tokens_the_least_recently_used_are_given_u
     assert tokens == [generate(model, [p], max_new_tokens=4, eos_token_ids=())[0] for p in (a, c, b)]
 
 
+def test_under_a_random_load_of_conversations_every_request_gives_generates_tokens_whatever_was_cached(two_rows,
+                                                                                                     model):
+    """Five conversations taking turns, one at a time and in bursts, through two rows: prefixes copied, tokens
+    moved aside and given up (4 moves and 3 copies in this seed's load), and never a wrong token."""
+    rng = np.random.default_rng(40)
+    history = prompts_of([16, 18, 20, 22, 24], seed=41)
+    done, hits = [], two_rows.stats.prefix_cache_hits
+    for _ in range(10):
+        burst = []
+        for c in rng.choice(5, size=rng.choice([1, 1, 2, 3]), replace=False):
+            prompt = history[c] + rng.integers(0, 512, int(rng.integers(1, 6))).tolist()
+            burst.append((c, two_rows.submit(Request(prompt, SamplingParams(max_tokens=int(rng.integers(2, 6)))))))
+        for c, r in burst:
+            tokens, _ = r.result(timeout=300)
+            done.append((r.prompt, tokens))
+            history[c] = (r.prompt + tokens)[-40:] if len(r.prompt) + len(tokens) > 44 else r.prompt + tokens
+    assert two_rows.stats.prefix_cache_hits > hits  # some turns found their conversation cached
+    assert [t for _, t in done] == [generate(model, [p], max_new_tokens=len(t), eos_token_ids=())[0] for p, t in done]
+
+
 def test_an_aborted_requests_delivered_tokens_are_cached_as_its_row_holds_them(engine, model):
     prompt = prompts_of([30], seed=15)[0]
     long = engine.submit(Request(prompt, SamplingParams(max_tokens=MAX_LEN - 30)))
