@@ -859,16 +859,16 @@ class Engine:
         while the busy rows stay the lowest (the decode step stays narrow). Not moved: what a row's own new
         request will reuse, or another row holds too; never over newer tokens, nor over a row a new prompt will
         copy from."""
-        taken = {slot for slot, _ in admitted}
-        wanted = {self._head(r.prompt)[0] for _, r in admitted}
+        source = {slot: self._head(r.prompt)[0] for slot, r in admitted}  # the row each new prompt will copy from
+        taken, wanted = set(source), set(source.values())
 
         def spare(row: int) -> bool:  # holds nothing that a row no new request writes over does not hold too
             held = self._held[row]
             return not len(held) or any(other != row and other not in taken and len(h) >= len(held)
                                         and np.array_equal(h[:len(held)], held) for other, h in enumerate(self._held))
 
-        for slot, r in admitted:
-            if len(self._held[slot]) < MIN_PREFIX or self._head(r.prompt)[0] == slot or spare(slot):
+        for slot in source:
+            if len(self._held[slot]) < MIN_PREFIX or source[slot] == slot or spare(slot):
                 continue
             free = [s for s in range(self.slots) if self._slot_req[s] is None and s not in wanted]
             if not free:
