@@ -10,6 +10,10 @@ Each measurement is a fresh process that imports ``qwen2_jax`` from one checkout
 from ``--prompt-len``-token prompts (so the first token is excluded), after a warm-up, and the time to first
 token of one ``--prefill-len``-token prompt; the checkouts take turns, ``--rounds`` times, and the table shows
 each one's medians in ms.
+
+``--engine-slots N`` times the serving engine's start-up instead (``Engine(..., slots=N).start()``: every step
+traced, compiled and run once): per checkout and round, a process with an empty persistent compilation cache,
+then a second one that finds it filled, as a second ``qwen2-jax serve`` of the same checkpoint does.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 CHILD = r"""
 import importlib.util, json, os, sys, time
@@ -38,6 +43,17 @@ args = json.loads(sys.argv[2])
 cfg = bench_config(args["config"])
 model = init_random(cfg, dtype=jnp.float32, seed=0)
 out = {"module": qwen2_jax.__file__}
+if args["engine_slots"]:
+    import jax
+    from qwen2_jax.engine import Engine
+    jax.config.update("jax_compilation_cache_dir", args["cache_dir"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    engine = Engine(model, slots=args["engine_slots"], max_len=args["engine_max_len"],
+                    prefill_chunk=min(512, args["engine_max_len"]))
+    t0 = time.perf_counter(); engine.start(); out["start"] = time.perf_counter() - t0
+    engine.stop()
+    print(json.dumps(out))
+    sys.exit(0)
 for batch in args["batches"]:
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args["prompt_len"])).tolist()
     run = lambda n: qwen2_jax.generate(model, prompts, max_new_tokens=n, eos_token_ids=())
@@ -54,10 +70,12 @@ print(json.dumps(out))
 """
 
 
-def measure(checkout: str, args) -> dict:
+def measure(checkout: str, args, cache_dir: str | None = None) -> dict:
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     settings = json.dumps(dict(config=args.config, batches=args.batches, prompt_len=args.prompt_len,
-                               new_tokens=args.new_tokens, prefill_len=args.prefill_len))
+                               new_tokens=args.new_tokens, prefill_len=args.prefill_len,
+                               engine_slots=args.engine_slots, engine_max_len=args.engine_max_len,
+                               cache_dir=cache_dir))
     proc = subprocess.run([sys.executable, "-c", CHILD, os.path.abspath(checkout), settings], capture_output=True,
                           text=True, env=env, cwd=os.path.abspath(checkout))
     if proc.returncode:
@@ -75,8 +93,13 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefill-len", type=int, default=512, help="prompt of the time to first token (0: none)")
+    ap.add_argument("--engine-slots", type=int, default=0,
+                    help="time the serving engine's start-up with this many slots instead")
+    ap.add_argument("--engine-max-len", type=int, default=128, help="the engine's max_len (prefill chunk: up to 512)")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.engine_slots:
+        return engine_start(args)
     runs = {"before": [], "after": []}
     for r in range(args.rounds):
         for side in ("before", "after"):
@@ -94,6 +117,23 @@ def main():
         before, after = (statistics.median(r["ttft"] for r in runs[side]) for side in ("before", "after"))
         print(f"time to first token, {args.prefill_len}-token prompt (ms): before {before:.0f}, after {after:.0f}, "
               f"after / before {after / before:.2f}")
+
+
+def engine_start(args) -> None:
+    runs = {(side, cache): [] for side in ("before", "after") for cache in ("empty", "filled")}
+    for r in range(args.rounds):
+        for side in ("before", "after"):
+            with tempfile.TemporaryDirectory(prefix="qwen2-jax-cache-") as cache_dir:
+                for cache in ("empty", "filled"):
+                    runs[side, cache].append(measure(getattr(args, side), args, cache_dir)["start"])
+                    print(f"round {r + 1}: {side}, compilation cache {cache}: start-up {runs[side, cache][-1]:.1f} s",
+                          file=sys.stderr, flush=True)
+    print(f"{args.config}, float32, serving engine start-up (s, median of {args.rounds} alternating rounds), "
+          f"{args.engine_slots} slots x {args.engine_max_len} positions")
+    print("| compilation cache | before | after | after / before |\n|---|---:|---:|---:|")
+    for cache in ("empty", "filled"):
+        before, after = (statistics.median(runs[side, cache]) for side in ("before", "after"))
+        print(f"| {cache} | {before:.1f} | {after:.1f} | {after / before:.2f} |")
 
 
 if __name__ == "__main__":

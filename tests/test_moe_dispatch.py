@@ -150,3 +150,25 @@ def test_per_expert_arrays_are_refused_by_the_stacked_only_implementations():
         moe.dispatch(x, weights, idx, *per_expert, impl="gather")
     with pytest.raises(ValueError, match="unknown MoE implementation 'fast'"):
         moe.dispatch(x, weights, idx, *per_expert, impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_per_expert_switch_branches_share_one_traced_swiglu(impl):
+    """Each of the switch's per-expert branches calls the same traced SwiGLU: tracing a step does the expert's
+    work once per switch, not once per expert (the engine traces about 19 steps at start-up)."""
+    x, weights, idx, g, u, d = _inputs(5)
+    jaxpr = jax.make_jaxpr(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl=impl))(x, _per_expert(g, u, d))
+
+    def switches(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                yield eqn.params["branches"]
+            for param in eqn.params.values():
+                for inner in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(inner, jax.extend.core.ClosedJaxpr) and eqn.primitive.name != "cond":
+                        yield from switches(inner.jaxpr)
+
+    (branches,) = list(switches(jaxpr.jaxpr))
+    assert len(branches) == g.shape[0]
+    assert all(len(b.jaxpr.eqns) == 1 for b in branches)  # a branch is one call ...
+    assert len({id(b.jaxpr.eqns[0].params["jaxpr"]) for b in branches}) == 1  # ... of the same traced function

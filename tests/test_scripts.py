@@ -46,6 +46,15 @@ def test_compare_checkouts_script_times_two_checkouts_in_turns():
     assert "time to first token, 32-token prompt" in out
 
 
+def test_compare_checkouts_script_times_the_engine_start_up_with_an_empty_and_a_filled_cache():
+    out = run("scripts/compare_checkouts.py", ".", ".", "--config", "tiny", "--rounds", "1", "--engine-slots", "1",
+              "--engine-max-len", "16")
+    assert "serving engine start-up" in out and "1 slots x 16 positions" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| empty", "| filled"))]
+    assert [r[0] for r in rows] == ["| empty", "| filled"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
 def test_long_context_memory_script_reports_peak_memory_by_prompt_length():
     out = run("scripts/long_context_memory.py", "--lengths", "512,1024", "--chunk", "256", "--layers", "1")
     assert "| 512 |" in out and "| 1,024 |" in out and "peak RSS" in out
