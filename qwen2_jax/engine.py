@@ -862,10 +862,15 @@ class Engine:
         source = {slot: self._head(r.prompt)[0] for slot, r in admitted}  # the row each new prompt will copy from
         taken, wanted = set(source), set(source.values())
 
+        known = {}  # row -> spare(row), until the next move changes what the rows hold
+
         def spare(row: int) -> bool:  # holds nothing that a row no new request writes over does not hold too
-            held = self._held[row]
-            return not len(held) or any(other != row and other not in taken and len(h) >= len(held)
-                                        and np.array_equal(h[:len(held)], held) for other, h in enumerate(self._held))
+            if row not in known:
+                held, n = self._held[row], len(self._held[row])
+                # The last tokens compared first: most rows differ there, and a full compare is n tokens.
+                known[row] = not n or any(other != row and other not in taken and len(h) >= n and h[n - 1] == held[-1]
+                                          and np.array_equal(h[:n], held) for other, h in enumerate(self._held))
+            return known[row]
 
         for slot in source:
             if len(self._held[slot]) < MIN_PREFIX or source[slot] == slot or spare(slot):
@@ -877,6 +882,7 @@ class Engine:
             if spare(target) or self._used[target] < self._used[slot]:
                 self._copy(slot, target, self._held[slot])
                 self._used[target] = self._used[slot]
+                known.clear()
 
     def _copy(self, source: int, slot: int, prefix) -> None:
         """Dispatches the copy of row ``source``'s first ``len(prefix)`` tokens into row ``slot``."""
