@@ -155,7 +155,7 @@ def test_per_expert_arrays_are_refused_by_the_stacked_only_implementations():
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_per_expert_switch_branches_share_one_traced_swiglu(impl):
     """Each of the switch's per-expert branches calls the same traced SwiGLU: tracing a step does the expert's
-    work once per switch, not once per expert (the engine traces about 19 steps at start-up)."""
+    work once per switch, not once per expert (the engine traces all of its steps at start-up)."""
     x, weights, idx, g, u, d = _inputs(5)
     jaxpr = jax.make_jaxpr(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl=impl))(x, _per_expert(g, u, d))
 
