@@ -453,6 +453,7 @@ class Stats:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, found (their prefill skipped)
+    prefix_cache_moves: int = 0  # rows' tokens moved aside for a request admitted into their row
     requests_finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     ttft: "Histogram" = None
     itl: "Histogram" = None
@@ -882,6 +883,7 @@ class Engine:
             if spare(target) or self._used[target] < self._used[slot]:
                 self._copy(slot, target, self._held[slot])
                 self._used[target] = self._used[slot]
+                self.stats.prefix_cache_moves += 1
                 known.clear()
 
     def _copy(self, source: int, slot: int, prefix) -> None:

@@ -406,6 +406,9 @@ def prometheus_text(engine) -> str:
            [("", s.prefix_cache_queries)])
     metric("prefix_cache_hits_total", "counter", "prompt tokens found in the prefix cache (not prefilled again)",
            [("", s.prefix_cache_hits)])
+    metric("prefix_cache_moves_total", "counter", "rows of cached tokens moved aside for a request admitted into "
+           "their row (a move gives up the least recently used tokens where no row is free)",
+           [("", s.prefix_cache_moves)])
     metric("request_success_total", "counter", "finished requests by finish reason",
            [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
     metric("decode_steps_total", "counter", "decode steps dispatched", [("", engine.steps)])

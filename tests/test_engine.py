@@ -201,10 +201,12 @@ def conversation(engine, seed):
 def test_a_finished_requests_tokens_move_aside_for_the_next_request_so_its_next_turn_still_finds_them(two_rows, model):
     # One request at a time: each takes the lowest row, the one the request before it used.
     follow = conversation(two_rows, seed=30)
+    moves = two_rows.stats.prefix_cache_moves
     conversation(two_rows, seed=31)  # another client's request between the two turns
     request = two_rows.submit(Request(follow, SamplingParams(max_tokens=6)))
     tokens, _ = request.result(timeout=300)
     assert request.cached_tokens == 23
+    assert two_rows.stats.prefix_cache_moves == moves + 1  # the first turn's; the other row is the next turn's source
     assert tokens == generate(model, [follow], max_new_tokens=6, eos_token_ids=())[0]
 
 

@@ -251,7 +251,9 @@ def test_the_next_turn_of_a_chat_reuses_the_cached_conversation_and_usage_says_h
     first = [system, {"role": "user", "content": "Name a colour."}]
     answer = client.chat.completions.create(messages=first, max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
     # Another client's request between the turns takes the row the first turn used; its tokens move aside.
+    moves = metric(server, "prefix_cache_moves_total")
     client.completions.create(prompt=list(range(2000, 2060)), max_tokens=4, **GREEDY)
+    assert metric(server, "prefix_cache_moves_total") == moves + 1
     hits = metric(server, "prefix_cache_hits_total")
     second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
                       {"role": "user", "content": "Another?"}]
