@@ -99,6 +99,14 @@ def main():
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.engine_slots:
+        from qwen2_jax.bench import bench_config
+        from qwen2_jax.engine import check_settings
+        from qwen2_jax.errors import InputError
+        try:  # the engine's own checks, before any process starts
+            check_settings(bench_config(args.config).context_length, slots=args.engine_slots,
+                           max_len=args.engine_max_len, prefill_chunk=min(512, args.engine_max_len), max_waiting=0)
+        except InputError as e:
+            ap.error(str(e))
         return engine_start(args)
     runs = {"before": [], "after": []}
     for r in range(args.rounds):

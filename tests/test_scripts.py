@@ -55,6 +55,14 @@ def test_compare_checkouts_script_times_the_engine_start_up_with_an_empty_and_a_
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
 
 
+def test_compare_checkouts_script_refuses_engine_settings_the_engine_cannot_run_in_one_line():
+    proc = subprocess.run([sys.executable, "scripts/compare_checkouts.py", ".", ".", "--config", "tiny",
+                           "--engine-slots", "1", "--engine-max-len", "100"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "prefill_chunk 100 must be a power of two" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_long_context_memory_script_reports_peak_memory_by_prompt_length():
     out = run("scripts/long_context_memory.py", "--lengths", "512,1024", "--chunk", "256", "--layers", "1")
     assert "| 512 |" in out and "| 1,024 |" in out and "peak RSS" in out
