@@ -58,8 +58,8 @@ def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_exp
         if per_expert:
             # Per-expert views (read in place): one token reads its top-k experts once either way; from 2
             # tokens on, small blocks of the pairs each expert really has beat the loop (a batch-8 step of the
-            # quarter config 272 ms against 329). Blocks of 2 rows or more: one-row blocks compile a
-            # matrix-vector product per expert branch.
+            # quarter config 272 ms against 329). Blocks of PER_EXPERT_MIN_BLOCK rows or more: one-row blocks
+            # compile a matrix-vector product per expert branch.
             return "loop" if num_tokens == 1 else "grouped"
         # XLA:CPU: the loop is fastest up to 8 tokens; from 16 tokens on the grouped blocks win (1.4x at 16,
         # 5x at 512 over the loop) and dense, E / top_k times the work, never does (docs/moe-dispatch.md).
@@ -186,7 +186,8 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, block: int | Non
     hidden = x.shape[-1]
     ffn = _expert_ffn(gate_proj, up_proj, down_proj)
     pairs = num_tokens * top_k
-    block = block or group_block(num_tokens, top_k, num_experts, minimum=2 if _per_expert(gate_proj) else 8)
+    block = block or group_block(num_tokens, top_k, num_experts,
+                                 minimum=PER_EXPERT_MIN_BLOCK if _per_expert(gate_proj) else 8)
     step = step or group_step(block)
     if block % step:
         raise ValueError(f"grouped: step {step} does not divide block {block}")
@@ -245,11 +246,20 @@ def _grouped_bwd(args, cotangent):
 _grouped_with_dense_gradient.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+# Smallest block over per-expert views. At 2 to 16 tokens an expert gets 0 to about 6 pairs (2 on average at 16):
+# 4-row blocks read most used experts once where 2-row blocks read many twice, and a product of 4 rows costs
+# about what one of 2 does. In whole decode steps on the 2-core AMD EPYC machine the serving tables come from:
+# 13 to 15% faster at 4 and 16 tokens, 4% at 2 and 8 (docs/moe-dispatch.md). On the Intel Xeon machine of the
+# earlier tables 2-row blocks had been the faster; the rule follows the machine the tables are measured on.
+PER_EXPERT_MIN_BLOCK = 4
+
+
 def group_block(num_tokens: int, top_k: int, num_experts: int, minimum: int = 8) -> int:
     """Rows per block for ``grouped``: the mean pairs per expert rounded down to a power of two, in
     [minimum, 128]. Each block reads its expert's weights: with stacked weights XLA:CPU copies them per block, so
     blocks stay at 8 rows or more (at 512 tokens, 32 to 128 rows ran alike, 16 rows 1.3x and 8 rows 1.7x
-    slower); per-expert arrays are read in place and blocks as small as the mean win (docs/moe-dispatch.md)."""
+    slower); per-expert arrays are read in place and blocks of the mean win, from ``PER_EXPERT_MIN_BLOCK``
+    rows (docs/moe-dispatch.md)."""
     mean = num_tokens * top_k // num_experts
     return int(min(128, max(minimum, 1 << max(mean, 1).bit_length() - 1)))
 

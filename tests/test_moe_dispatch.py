@@ -172,3 +172,16 @@ def test_per_expert_switch_branches_share_one_traced_swiglu(impl):
     assert len(branches) == g.shape[0]
     assert all(len(b.jaxpr.eqns) == 1 for b in branches)  # a branch is one call ...
     assert len({id(b.jaxpr.eqns[0].params["jaxpr"]) for b in branches}) == 1  # ... of the same traced function
+
+
+def test_per_expert_blocks_hold_at_least_four_rows():
+    """Over per-expert views a decode batch's blocks have at least ``PER_EXPERT_MIN_BLOCK`` (4) rows, though 16
+    tokens give each of 64 experts 2 pairs on average: most used experts are then read once, not twice."""
+    x, weights, idx, g, u, d = _inputs(16, experts=64, top_k=8)
+    jaxpr = jax.make_jaxpr(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl="grouped"))(x, _per_expert(g, u, d))
+    (loop,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+    (blocks,) = [v.aval.shape for v in loop.outvars if v.aval.ndim == 3]  # [blocks, rows, hidden]
+    assert moe.PER_EXPERT_MIN_BLOCK == 4 and blocks[1:] == (4, x.shape[1])
+    stacked = jax.make_jaxpr(lambda x: moe.grouped(x, weights, idx, g, u, d))(x)  # stacked: copies, 8 rows
+    (loop,) = [e for e in stacked.jaxpr.eqns if e.primitive.name == "while"]
+    assert [v.aval.shape[1] for v in loop.outvars if v.aval.ndim == 3] == [8]
