@@ -58,8 +58,8 @@ def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_exp
         if per_expert:
             # Per-expert views (read in place): one token reads its top-k experts once either way; from 2
             # tokens on, small blocks of the pairs each expert really has beat the loop (a batch-8 step of the
-            # quarter config 272 ms against 329). Blocks of PER_EXPERT_MIN_BLOCK rows or more: one-row blocks
-            # compile a matrix-vector product per expert branch.
+            # quarter config 272 ms against 329), in blocks of PER_EXPERT_MIN_BLOCK rows or more (one-row blocks
+            # would compile a matrix-vector product per expert branch).
             return "loop" if num_tokens == 1 else "grouped"
         # XLA:CPU: the loop is fastest up to 8 tokens; from 16 tokens on the grouped blocks win (1.4x at 16,
         # 5x at 512 over the loop) and dense, E / top_k times the work, never does (docs/moe-dispatch.md).
@@ -248,9 +248,9 @@ _grouped_with_dense_gradient.defvjp(_grouped_fwd, _grouped_bwd)
 
 # Smallest block over per-expert views. At 2 to 16 tokens an expert gets 0 to about 6 pairs (2 on average at 16):
 # 4-row blocks read most used experts once where 2-row blocks read many twice, and a product of 4 rows costs
-# about what one of 2 does. In whole decode steps on the 2-core AMD EPYC machine the serving tables come from:
-# 13 to 15% faster at 4 and 16 tokens, 4% at 2 and 8 (docs/moe-dispatch.md). On the Intel Xeon machine of the
-# earlier tables 2-row blocks had been the faster; the rule follows the machine the tables are measured on.
+# about what one of 2 does. Whole decode steps on the 2-core AMD EPYC machine the serving tables come from ran
+# 10% faster at 4 and 8 tokens and 16% at 16 (docs/moe-dispatch.md). On the Intel Xeon machine of the earlier
+# tables 2-row blocks had been the faster; the rule follows the machine the tables are measured on.
 PER_EXPERT_MIN_BLOCK = 4
 
 

@@ -49,7 +49,7 @@ if args["engine_slots"]:
     jax.config.update("jax_compilation_cache_dir", args["cache_dir"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     engine = Engine(model, slots=args["engine_slots"], max_len=args["engine_max_len"],
-                    prefill_chunk=min(512, args["engine_max_len"]))
+                    prefill_chunk=args["engine_prefill_chunk"])
     t0 = time.perf_counter(); engine.start(); out["start"] = time.perf_counter() - t0
     engine.stop()
     print(json.dumps(out))
@@ -75,7 +75,7 @@ def measure(checkout: str, args, cache_dir: str | None = None) -> dict:
     settings = json.dumps(dict(config=args.config, batches=args.batches, prompt_len=args.prompt_len,
                                new_tokens=args.new_tokens, prefill_len=args.prefill_len,
                                engine_slots=args.engine_slots, engine_max_len=args.engine_max_len,
-                               cache_dir=cache_dir))
+                               engine_prefill_chunk=args.engine_prefill_chunk, cache_dir=cache_dir))
     proc = subprocess.run([sys.executable, "-c", CHILD, os.path.abspath(checkout), settings], capture_output=True,
                           text=True, env=env, cwd=os.path.abspath(checkout))
     if proc.returncode:
@@ -98,13 +98,14 @@ def main():
     ap.add_argument("--engine-max-len", type=int, default=128, help="the engine's max_len (prefill chunk: up to 512)")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.engine_prefill_chunk = min(512, args.engine_max_len)
     if args.engine_slots:
         from qwen2_jax.bench import bench_config
         from qwen2_jax.engine import check_settings
         from qwen2_jax.errors import InputError
         try:  # the engine's own checks, before any process starts
             check_settings(bench_config(args.config).context_length, slots=args.engine_slots,
-                           max_len=args.engine_max_len, prefill_chunk=min(512, args.engine_max_len), max_waiting=0)
+                           max_len=args.engine_max_len, prefill_chunk=args.engine_prefill_chunk, max_waiting=0)
         except InputError as e:
             ap.error(str(e))
         return engine_start(args)
