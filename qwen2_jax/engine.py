@@ -632,8 +632,10 @@ class Engine:
 
     def _compile(self) -> None:
         """Compiles each step ahead of time (``lower().compile()``) and keeps the executables, which the loop
-        calls directly: no argument's layout or commitment can make a step compile again under load. Steps are
-        traced one at a time and compiled on a thread per core (XLA compiles outside the GIL)."""
+        calls directly: no argument's layout or commitment can make a step compile again under load. The steps are
+        traced one at a time (Python holds the GIL) while those already traced compile on a thread per core (XLA
+        compiles outside it), and each executable runs once as soon as it is compiled (its first run sets itself
+        up, which no request should wait for): the three overlap, rather than follow one another."""
         static = dict(graphdef=self._graphdef, platform=self._platform)
         keep = np.zeros(self.slots, bool)
         # The widest decode step first, the state's layouts left to the compiler; every other step takes and
@@ -644,8 +646,7 @@ class Engine:
             self._params, self._views, abstract, keep).compile()
         formats = state_formats(abstract, chosen=first.input_formats[0][2])
         self._new_state = jax.jit(_new_state, static_argnums=(0, 1, 2, 3), out_shardings=formats)
-        self._state = self._fresh_state()
-        steps = {}  # (kind, size) -> (jitted step, its arguments after the state)
+        steps = {("decode", widest): (first, (keep,))}  # (kind, size) -> (jitted step, its arguments after the state)
         for t in self.buckets:
             steps["packed", t] = (jit_step(_prefill_packed, formats, self._replicated, **static),
                                   self._packed_args([], t))
@@ -655,17 +656,27 @@ class Engine:
         if self.prefix_caching:
             steps["reuse", None] = (jit_step(_reuse, formats, self._replicated, **static), self._reuse_args(0, 0, []))
         for b in self.rows:
-            steps["decode", b] = (jit_step(_decode, formats, self._replicated, rows=b, **static), (keep,))
-        todo = [key for key in steps if key != ("decode", widest)]
-        lowered = [steps[key][0].lower(self._params, self._views, self._state, *steps[key][1]) for key in todo]
+            if b != widest:
+                steps["decode", b] = (jit_step(_decode, formats, self._replicated, rows=b, **static), (keep,))
+        compiled = {("decode", widest): first}
+
+        def run(key, state):  # dispatched, not waited for: the state is the first runs' own, given up after them
+            return compiled[key](self._params, self._views, state, *steps[key][1])[0]
+
+        state = run(("decode", widest), self._fresh_state())
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            compiled = dict(zip(todo, pool.map(lambda low: low.compile(), lowered)))
-        compiled["decode", widest] = first
-        # Run each executable once: its first run sets itself up, which no request should wait for.
-        state = self._state
-        for key, (_, args) in steps.items():
-            state, _ = compiled[key](self._params, self._views, state, *args)
+            compiling = {}
+            for key, (step, args) in steps.items():
+                if key not in compiled:
+                    compiling[key] = pool.submit(step.lower(self._params, self._views, abstract, *args).compile)
+                for done in [k for k, f in compiling.items() if f.done()]:
+                    compiled[done] = compiling.pop(done).result()
+                    state = run(done, state)
+            for key, future in compiling.items():
+                compiled[key] = future.result()
+                state = run(key, state)
         jax.block_until_ready(state)
+        del state
         self._state = self._fresh_state()
         self._packed = {t: c for (kind, t), c in compiled.items() if kind == "packed"}
         self._decode = {b: c for (kind, b), c in compiled.items() if kind == "decode"}

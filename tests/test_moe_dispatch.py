@@ -174,12 +174,32 @@ def test_per_expert_switch_branches_share_one_traced_swiglu(impl):
     assert len({id(b.jaxpr.eqns[0].params["jaxpr"]) for b in branches}) == 1  # ... of the same traced function
 
 
+def _through_calls(jaxpr):
+    """``jaxpr``'s equations, each jitted call's replaced by the equations of the function it calls."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "jit":
+            yield from _through_calls(eqn.params["jaxpr"].jaxpr)
+        else:
+            yield eqn
+
+
+def test_per_expert_dispatch_is_traced_once_for_all_layers_of_one_shape():
+    """Per-expert dispatch is a jitted call, so layers whose views have the same shapes share one traced loop:
+    tracing a step does the MoE's work once, not once per layer (the engine traces all of its steps at start-up)."""
+    x, weights, idx, g, u, d = _inputs(5)
+    first, second = _per_expert(g, u, d), _per_expert(g + 1, u, d)
+    jaxpr = jax.make_jaxpr(lambda x, a, b: moe.dispatch(moe.dispatch(x, weights, idx, *a, impl="grouped"),
+                                                         weights, idx, *b, impl="grouped"))(x, first, second)
+    calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "jit"]
+    assert len(calls) == 2 and calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
+
+
 def test_per_expert_blocks_hold_at_least_four_rows():
     """Over per-expert views a decode batch's blocks have at least ``PER_EXPERT_MIN_BLOCK`` (4) rows, though 16
     tokens give each of 64 experts 2 pairs on average: most used experts are then read once, not twice."""
     x, weights, idx, g, u, d = _inputs(16, experts=64, top_k=8)
     jaxpr = jax.make_jaxpr(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl="grouped"))(x, _per_expert(g, u, d))
-    (loop,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
+    (loop,) = [e for e in _through_calls(jaxpr.jaxpr) if e.primitive.name == "while"]
     (blocks,) = [v.aval.shape for v in loop.outvars if v.aval.ndim == 3]  # [blocks, rows, hidden]
     assert moe.PER_EXPERT_MIN_BLOCK == 4 and blocks[1:] == (4, x.shape[1])
     stacked = jax.make_jaxpr(lambda x: moe.grouped(x, weights, idx, g, u, d))(x)  # stacked: copies, 8 rows
