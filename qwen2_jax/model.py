@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -56,9 +57,31 @@ class Linear(nnx.Module):
         """The weight as a product reads it: the array, or a ``QArray`` whose values are dequantized in the kernel."""
         return operand(self.weight[...], None if self.weight_scale is None else self.weight_scale[...], 1)
 
-    def __call__(self, x):
-        y = quant.einsum("...i,oi->...o", x.astype(self.dtype), self.operand(), self.dtype)
+    def __call__(self, x, platform: str | None = None):
+        """``platform``: where the step runs (default: the default backend), which decides the product's form."""
+        y = product(x.astype(self.dtype), self.operand(), self.dtype, platform)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+# XLA:CPU multiplies 2 to 64 rows by a weight 1.2 to 3x faster with the weight as the product's left operand
+# (its matmul library then repacks the rows, not the weight); at 128 rows the two forms are level, beyond it
+# the weight on the right is faster (docs/performance.md).
+WEIGHT_FIRST_MAX_ROWS = 64
+
+
+def product(x, w, dtype, platform: str | None = None, out_dtype=None, weight_first: bool | None = None):
+    """``x [..., in]`` times a weight ``w [out, in]`` (an array or a ``QArray``): ``[..., out]`` in ``out_dtype``
+    (default ``dtype``). Weight first, ``[out, in] x [rows, in] -> [out, rows]`` and the small result transposed
+    (the barrier keeps XLA from folding the transpose back into the product, which would swap its operands again):
+    by default on XLA:CPU for up to ``WEIGHT_FIRST_MAX_ROWS`` rows of an unquantized weight."""
+    rows = math.prod(x.shape[:-1])
+    if weight_first is None:
+        weight_first = ((platform or jax.default_backend()) == "cpu" and rows <= WEIGHT_FIRST_MAX_ROWS
+                        and not isinstance(w, quant.QArray))
+    if weight_first:
+        y = jnp.einsum("oi,ri->or", w.astype(dtype), x.reshape(rows, x.shape[-1]), preferred_element_type=out_dtype)
+        return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
+    return quant.einsum("...i,oi->...o", x, w, dtype, out_dtype=out_dtype)
 
 
 def _linear(n_in, n_out, *, bias, dtype, param_dtype, rngs, quant=None):
@@ -131,14 +154,15 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias, **kw)
         self.o_proj = _linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False, **kw)
 
-    def __call__(self, x, cos, sin, valid, cache: KVCache | None, layer: int, upto=None, segments=None):
+    def __call__(self, x, cos, sin, valid, cache: KVCache | None, layer: int, upto=None, segments=None,
+                 platform: str | None = None):
         """x: [B, T, H] at slots ``cache.index ..`` (0 without a cache); ``valid [B, S]``: which slots hold real
         tokens. With ``cache``, the new keys go into it at ``layer`` and the queries attend over its slots;
         without, over the new keys themselves. ``upto``, ``segments``: see ``attention.attention``."""
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rope(self.q_proj(x, platform).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x, platform).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x, platform).reshape(b, t, self.num_kv_heads, self.head_dim)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, Hkv, T, D], [B, Hkv, D, T]: the cache's
         start = 0
         if cache is not None:
@@ -146,7 +170,7 @@ class Attention(nnx.Module):
             cache = cache.update(layer, k, v)
             k, v = cache.layer(layer)  # [B, Hkv, S, D], [B, Hkv, D, S]
         out = attention(q, k, v, valid, start, upto=upto, segments=segments)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), platform), cache
 
 
 # ---- feed-forward ---------------------------------------------------------------------------------------
@@ -159,8 +183,8 @@ class MLP(nnx.Module):
         self.up_proj = _linear(hidden, intermediate, **kw)
         self.down_proj = _linear(intermediate, hidden, **kw)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, platform: str | None = None):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, platform)) * self.up_proj(x, platform), platform)
 
 
 class Experts(nnx.Module):
@@ -212,19 +236,20 @@ class SparseMoeBlock(nnx.Module):
     def __call__(self, x, impl="auto", platform=None, views=None):
         """x: [B, T, H] -> (out [B, T, H], router_logits [B*T, E] float32). ``views``: see ``Experts``."""
         flat = x.reshape(-1, x.shape[-1])
-        router_logits = self.gate(flat)
+        router_logits = self.gate(flat, platform)
         probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # over all experts, in f32
         weights, experts = jax.lax.top_k(probs, self.top_k)
         if self.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         weights = weights.astype(router_logits.dtype)
-        shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat))
+        shared_gate = jax.nn.sigmoid(self.shared_expert_gate(flat, platform))
         if callable(impl):  # expert-parallel: the shared expert's partial sums join the experts' one all-reduce
             shared = [m.operand() for m in (self.shared_expert.gate_proj, self.shared_expert.up_proj,
                                             self.shared_expert.down_proj)]  # cast or dequantized in its products
             out = self.experts(flat, weights, experts, functools.partial(impl, shared=(shared_gate, *shared)))
         else:
-            out = self.experts(flat, weights, experts, impl, platform, views) + shared_gate * self.shared_expert(flat)
+            out = (self.experts(flat, weights, experts, impl, platform, views)
+                   + shared_gate * self.shared_expert(flat, platform))
         return out.reshape(x.shape), router_logits.astype(jnp.float32)
 
 
@@ -245,13 +270,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h, cos, sin, valid, cache: KVCache | None, index: int, moe_impl="auto", platform=None,
                  views=None, upto=None, segments=None):
         """Returns (h, cache, router_logits [B*T, E] or None for a dense layer)."""
-        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, valid, cache, index, upto, segments)
+        a, cache = self.self_attn(self.input_layernorm(h), cos, sin, valid, cache, index, upto, segments, platform)
         h = h + a
         x = self.post_attention_layernorm(h)
         if self.sparse:
             f, router = self.mlp(x, moe_impl, platform, views)
         else:
-            f, router = self.mlp(x), None
+            f, router = self.mlp(x, platform), None
         return h + f, cache, router
 
 
@@ -344,7 +369,7 @@ class Qwen2MoeForCausalLM(nnx.Module):
         elif logits_at is not None:
             h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         weight = self.model.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.operand()  # [V, H]
-        logits = quant.einsum("bth,vh->btv", h, weight, h.dtype, out_dtype=jnp.float32)
+        logits = product(h, weight, h.dtype, platform, out_dtype=jnp.float32)
         if cache is not None:
             cache = dataclasses.replace(cache, index=cache.index + t)
         router_logits = jnp.stack(routers) if routers and output_router_logits else None

@@ -7,7 +7,7 @@ from flax import nnx
 
 from qwen2_jax.cache import KVCache
 from qwen2_jax.config import Qwen2MoeConfig
-from qwen2_jax.model import RMSNorm, abstract_model, init_random
+from qwen2_jax.model import WEIGHT_FIRST_MAX_ROWS, RMSNorm, abstract_model, init_random, product
 
 TINY = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                       shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -97,3 +97,26 @@ def test_random_models_have_unit_norm_scales_and_a_random_lm_head():
     assert np.all(np.asarray(model.model.layers[0].input_layernorm.weight[...]) == 1)
     lm_head = np.asarray(model.lm_head.weight[...])
     assert lm_head.shape == (64, 16) and 0.01 < lm_head.std() < 0.03
+
+
+def _dot_operands(fn, *args):
+    """The shapes of the operands of each dot in ``fn``'s jaxpr, in order, and whether it holds a barrier."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    dots = [tuple(v.aval.shape for v in e.invars) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    return dots, any(e.primitive.name == "optimization_barrier" for e in jaxpr.eqns)
+
+
+def test_on_xla_cpu_a_few_rows_are_multiplied_weight_first_and_many_rows_or_other_backends_weight_last():
+    """XLA:CPU multiplies up to 64 rows fastest with the weight as the left operand (the barrier keeps XLA from
+    swapping them back); more rows, or a GPU or TPU step, keep the weight on the right. Either way the product is
+    ``x @ w.T``."""
+    w = jax.random.normal(jax.random.key(0), (48, 32), jnp.float32)  # [out, in]
+    for rows, platform, weight_first in ((1, "cpu", True), (64, "cpu", True), (65, "cpu", False),
+                                         (16, "gpu", False), (16, "tpu", False)):
+        x = jax.random.normal(jax.random.key(rows), (1, rows, 32), jnp.float32)
+        fn = lambda x, w: product(x, w, jnp.float32, platform)
+        dots, barrier = _dot_operands(fn, x, w)
+        assert dots == ([((48, 32), (rows, 32))] if weight_first else [((1, rows, 32), (48, 32))]), (rows, platform)
+        assert barrier == weight_first
+        np.testing.assert_allclose(fn(x, w), np.einsum("bri,oi->bro", x, w), rtol=1e-5, atol=1e-5)
+    assert WEIGHT_FIRST_MAX_ROWS == 64

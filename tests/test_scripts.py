@@ -39,6 +39,13 @@ def test_moe_dispatch_script_times_every_implementation():
     assert "| 16 |" in out
 
 
+def test_product_script_times_each_weight_first_and_last_at_each_row_count():
+    out = run("scripts/bench_product.py", "--config", "tiny", "--rows", "1,4", "--repeats", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert len(rows) == 12 and any(line.startswith("| lm_head [") for line in rows)  # 6 kinds of weight x 2 counts
+    assert all(float(line.split("|")[5]) > 0 for line in rows)
+
+
 def test_compare_checkouts_script_times_two_checkouts_in_turns():
     out = run("scripts/compare_checkouts.py", ".", ".", "--config", "tiny", "--rounds", "1", "--new-tokens", "3",
               "--prompt-len", "8", "--prefill-len", "32")
