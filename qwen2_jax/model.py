@@ -63,9 +63,9 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
-# XLA:CPU multiplies 2 to 64 rows by a weight 1.2 to 3x faster with the weight as the product's left operand
-# (its matmul library then repacks the rows, not the weight); at 128 rows the two forms are level, beyond it
-# the weight on the right is faster (docs/performance.md).
+# XLA:CPU multiplies 2 to 64 rows by a weight up to 2.7x faster with the weight as the product's left operand
+# (its matmul library then repacks the rows, not the weight); at one row and at 128 the two forms are level,
+# beyond that weight last is faster (scripts/bench_product.py, docs/performance.md).
 WEIGHT_FIRST_MAX_ROWS = 64
 
 
