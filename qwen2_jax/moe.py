@@ -96,7 +96,7 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
         fn = _grouped_with_dense_gradient
     elif per_expert:
         # A jitted call: every layer whose views have the same shapes shares one traced loop (XLA inlines it, the
-        # compiled step is the same), which halved the time to trace the serving engine's steps.
+        # compiled step is the same), so tracing a step does the loop once, not once per layer.
         fn = _PER_EXPERT_TRACED_ONCE[impl]
     return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
 
