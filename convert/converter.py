@@ -30,7 +30,8 @@ from qwen2_jax.config import Qwen2MoeConfig
 from qwen2_jax.errors import InputError, Qwen2JaxError
 from qwen2_jax.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
 from qwen2_jax.loading import ORBAX_PARAMS
-from qwen2_jax.params import check_tensors, hf_names, iter_params, lookup, nest, param_dtype, read_block
+from qwen2_jax.params import (LAYOUT_VERSION, check_tensors, hf_names, iter_params, lookup, nest, param_dtype,
+                              read_block)
 from qwen2_jax.quant import QuantConfig
 
 from . import orbax_io
@@ -109,6 +110,7 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
         metadata = {
             "format": "qwen2-jax orbax checkpoint",
             "qwen2_jax_version": qwen2_jax.__version__,
+            "layout_version": LAYOUT_VERSION,
             "dtype": _dtype_summary(shapes),
             "quantization": quant.to_json() if quant is not None else None,
             "source": {"directory": hf_dir, "files": [{"name": os.path.basename(f), "bytes": os.path.getsize(f)}
@@ -153,6 +155,11 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
         orbax_io.check_readable(directory)
     except orbax_io.StorageError as e:
         raise CheckpointError(f"{directory}: {e}{RECONVERT_ALL}") from None
+    layout = _layout_version(path)
+    if layout != LAYOUT_VERSION:
+        raise CheckpointError(f"{directory}: stored in parameter layout {layout} (the routed experts "
+                              f"{'[experts, in, out]' if layout == 1 else 'otherwise'}), this version reads layout "
+                              f"{LAYOUT_VERSION}{RECONVERT}")
     try:
         stored = orbax_io.stored_shapes(directory)
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
@@ -194,8 +201,7 @@ def _sources(cfg, tensors, dtype, bar):
         refs = [tensors[name] for name in hf_names(cfg, p).flat]
         src_dtype = np.result_type(*[DTYPES[r.dtype] for r in refs])
         out_dtype = np.dtype(param_dtype(p, np.dtype(OUTPUT_DTYPES[dtype]) if dtype else src_dtype, cfg))
-        block, chunk = orbax_io.plan_blocks(shape, p.axes, p.num_stack_dims, p.transpose,
-                                            max(out_dtype.itemsize, src_dtype.itemsize))
+        block, chunk = orbax_io.plan_blocks(shape, p.axes, p.num_stack_dims, max(out_dtype.itemsize, src_dtype.itemsize))
         src = orbax_io.Source(
             name="/".join(p.path), shape=shape, dtype=out_dtype, block_shape=block, read_chunk_shape=chunk,
             read=lambda index, p=p, out_dtype=out_dtype: read_block(cfg, p, tensors, index, out_dtype),
@@ -296,6 +302,16 @@ def _dtype_name(dt) -> str:
 def _dtype_summary(shapes) -> str:
     names = sorted({_dtype_name(dt) for _, dt in shapes.values()})
     return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
+
+
+def _layout_version(path) -> int | None:
+    """The parameter layout the conversion at ``path`` recorded (1 where it recorded none: the releases of layout
+    1 did not); where it has no readable metadata file, nothing to check (this version's own)."""
+    try:
+        with open(os.path.join(os.fspath(path), METADATA_FILE)) as f:
+            return json.load(f).get("layout_version", 1)
+    except (OSError, ValueError, AttributeError):
+        return LAYOUT_VERSION
 
 
 def _first_line(e: BaseException) -> str:

@@ -30,7 +30,7 @@ def write_hf_checkpoint(cfg: Qwen2MoeConfig, directory, *, dtype="float32", seed
     """Writes ``config.json`` and HF-named safetensors for ``cfg`` into ``directory``; returns the weight files.
 
     Weights come from ``params`` (a nested dict in this port's layout, such as
-    ``nnx.to_pure_dict(nnx.state(model))``, the experts sliced out of their stacks and transposed back) or,
+    ``nnx.to_pure_dict(nnx.state(model))``, the experts sliced out of their stacks) or,
     without it, are random: normal with std 0.02, norm weights one, drawn per tensor from ``seed`` and the tensor's name (so sharding does not
     change them). With ``max_shard_bytes`` the tensors are split over ``model-0000k-of-0000n.safetensors``
     files plus ``model.safetensors.index.json``, as ``save_pretrained`` does. Every file is written to a
@@ -90,7 +90,7 @@ def _tensor_chunks(cfg, entry, dtype, seed, params):
     if params is not None:
         node = lookup(params, p.path)
         t = np.asarray(node[idx] if idx else node)
-        yield np.asarray(t.T if p.transpose else t, dtype=dtype)
+        yield np.asarray(t, dtype=dtype)
         return
     if "norm" in p.path[-2]:  # RMSNorm weights start at one
         yield np.ones(shape, dtype)

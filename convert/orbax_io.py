@@ -58,14 +58,12 @@ class Source:
             yield tuple(slice(g[s], min(g[s] + b, n)) for g, s, b, n in zip(grid, starts, self.block_shape, self.shape))
 
 
-def plan_blocks(shape, axes, num_stack_dims: int, transpose: bool,
-                itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def plan_blocks(shape, axes, num_stack_dims: int, itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(write block shape, read chunk shape) for a parameter of our ``shape`` with logical ``axes``
     (``Param.axes``), of which the first ``num_stack_dims`` stack HF tensors (the experts).
 
     Per-expert parameters are written several whole experts at a time; a tensor bigger than a block is split
-    into ranges of the rows HF stores contiguously (our last axis when ``transpose``d), so every read from the
-    safetensors file is sequential.
+    into ranges of its rows (HF's layout is ours), so every read from the safetensors file is sequential.
     """
     n = num_stack_dims
     inner = tuple(shape[n:])
@@ -75,7 +73,7 @@ def plan_blocks(shape, axes, num_stack_dims: int, transpose: bool,
         if n == 1:  # several experts of one layer
             block[0] = _divisor_at_most(shape[0], BLOCK_BYTES // max(tensor_bytes, 1))
     else:
-        axis = len(shape) - 1 if transpose else n
+        axis = n
         row_bytes = tensor_bytes // shape[axis]
         block = list(shape)
         block[:n] = [1] * n

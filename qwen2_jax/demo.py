@@ -9,7 +9,6 @@ one a real checkpoint takes: tokenizer, chat template, ``from_pretrained``, stre
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import tempfile
 
 from . import cli_generate
 from .config import Qwen2MoeConfig
+from .params import layout_digest
 
 DEMO_VERSION = 1  # bump when the demo checkpoint changes other than in its parameter layout (see demo_dir)
 DEFAULT_PROMPT = "Give me a short introduction to large language models."
@@ -51,15 +51,6 @@ def demo_dir() -> str:
     layout: a release that stores a parameter differently builds a fresh copy instead of failing to load the
     old one."""
     return os.path.join(home(), "demo", f"v{DEMO_VERSION}-{layout_digest(DEMO_CONFIG)}")
-
-
-def layout_digest(cfg: Qwen2MoeConfig) -> str:
-    """Eight hex digits over every stored parameter's path and shape (``params.iter_params``, the table the
-    converter writes and ``restore_params`` checks)."""
-    from .params import iter_params
-
-    text = "\n".join(f"{'/'.join(p.path)} {list(shape)}" for p, shape in iter_params(cfg))
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def build(directory: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -28,7 +27,7 @@ from .cache import KVCache
 from .config import Qwen2MoeConfig
 from .errors import InputError
 from .params import nest
-from . import quant
+from .matmul import product
 from .quant import QuantConfig, operand, scale_shape
 
 _init = nnx.initializers.normal(0.02)
@@ -61,27 +60,6 @@ class Linear(nnx.Module):
         """``platform``: where the step runs (default: the default backend), which decides the product's form."""
         y = product(x.astype(self.dtype), self.operand(), self.dtype, platform)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
-# XLA:CPU multiplies 2 to 64 rows by a weight up to 2.7x faster with the weight as the product's left operand
-# (its matmul library then repacks the rows, not the weight); at one row and at 128 the two forms are level,
-# beyond that weight last is faster (scripts/bench_product.py, docs/performance.md).
-WEIGHT_FIRST_MAX_ROWS = 64
-
-
-def product(x, w, dtype, platform: str | None = None, out_dtype=None, weight_first: bool | None = None):
-    """``x [..., in]`` times a weight ``w [out, in]`` (an array or a ``QArray``): ``[..., out]`` in ``out_dtype``
-    (default ``dtype``). Weight first, ``[out, in] x [rows, in] -> [out, rows]`` and the small result transposed
-    (the barrier keeps XLA from folding the transpose back into the product, which would swap its operands again):
-    by default on XLA:CPU for up to ``WEIGHT_FIRST_MAX_ROWS`` rows of an unquantized weight."""
-    rows = math.prod(x.shape[:-1])
-    if weight_first is None:
-        weight_first = ((platform or jax.default_backend()) == "cpu" and rows <= WEIGHT_FIRST_MAX_ROWS
-                        and not isinstance(w, quant.QArray))
-    if weight_first:
-        y = jnp.einsum("oi,ri->or", w.astype(dtype), x.reshape(rows, x.shape[-1]), preferred_element_type=out_dtype)
-        return jax.lax.optimization_barrier(y).T.reshape(*x.shape[:-1], w.shape[0])
-    return quant.einsum("...i,oi->...o", x, w, dtype, out_dtype=out_dtype)
 
 
 def _linear(n_in, n_out, *, bias, dtype, param_dtype, rngs, quant=None):
@@ -188,16 +166,17 @@ class MLP(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """One layer's routed experts, HF's per-expert weights transposed to ``[in, out]`` and stacked on the
-    expert axis: ``gate_proj, up_proj [E, H, I]`` and ``down_proj [E, I, H]``. Every dispatch of ``moe`` reads
-    them in place on GPU and TPU in either layout (docs/accelerators.md); XLA:CPU multiplies a few rows by an
-    ``[in, out]`` matrix 1.5x faster than by an ``[out, in]`` one, and an expert sees a few rows. Quantized,
-    each has its scales beside it (``gate_proj_scale [E, blocks, I]``, ...)."""
+    """One layer's routed experts, HF's per-expert ``[out, in]`` weights stacked on the expert axis:
+    ``gate_proj, up_proj [E, I, H]`` and ``down_proj [E, H, I]``. Every dispatch of ``moe`` reads them in place on
+    GPU and TPU (docs/accelerators.md); on XLA:CPU an expert's few rows are multiplied weight first
+    (``matmul.product``), which this layout allows: a batch-16 decode step of the quarter config took 0.78x the
+    time of the ``[E, in, out]`` stacks' (docs/performance.md). Quantized, each has its scales beside it
+    (``gate_proj_scale [E, I, blocks]``, ...)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, param_dtype, rngs, quant=None):
-        self.gate_proj, self.gate_proj_scale = _param(rngs, (num_experts, hidden, intermediate), param_dtype, quant, 1)
-        self.up_proj, self.up_proj_scale = _param(rngs, (num_experts, hidden, intermediate), param_dtype, quant, 1)
-        self.down_proj, self.down_proj_scale = _param(rngs, (num_experts, intermediate, hidden), param_dtype, quant, 1)
+        self.gate_proj, self.gate_proj_scale = _param(rngs, (num_experts, intermediate, hidden), param_dtype, quant, 2)
+        self.up_proj, self.up_proj_scale = _param(rngs, (num_experts, intermediate, hidden), param_dtype, quant, 2)
+        self.down_proj, self.down_proj_scale = _param(rngs, (num_experts, hidden, intermediate), param_dtype, quant, 2)
         self.dtype = dtype
 
     def operands(self):
@@ -206,7 +185,7 @@ class Experts(nnx.Module):
         for name in ("gate_proj", "up_proj", "down_proj"):
             scale = getattr(self, name + "_scale")
             w = getattr(self, name)[...]
-            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], 1))
+            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], 2))
         return out
 
     def __call__(self, x, weights, experts, impl: str | Callable = "auto", platform: str | None = None,

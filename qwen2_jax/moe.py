@@ -2,11 +2,12 @@
 
     y[t] = sum_k weights[t, k] * down(silu(x[t] @ gate_proj[e]) * (x[t] @ up_proj[e])),   e = experts[t, k]
 
-with one layer's expert weights ``gate_proj, up_proj: [E, H, I]`` and ``down_proj: [E, I, H]`` (or, for
-``loop`` and ``grouped``, sequences of E per-expert arrays, each applied by a ``lax.switch`` branch).
+with one layer's expert weights in HF's ``[out, in]`` layout, ``gate_proj, up_proj: [E, I, H]`` and
+``down_proj: [E, H, I]`` (or, for ``loop`` and ``grouped``, sequences of E per-expert arrays, each applied by a
+``lax.switch`` branch).
 
 - ``dense``:   every token through every expert as one product batched over the expert axis
-               (``eth,ehi->eti``: the weights are read in place, once each); the reference, and what a batch
+               (``eth,eih->eti``: the weights are read in place, once each); the reference, and what a batch
                that touches most experts does anyway.
 - ``gather``:  each (token, expert) pair reads its expert's weights in place, as a gather fused into a
                reduction: the decode step on GPUs (XLA:GPU would copy a gathered or sliced matmul operand).
@@ -15,8 +16,9 @@ with one layer's expert weights ``gate_proj, up_proj: [E, H, I]`` and ``down_pro
                at every trip).
 - ``grouped``: (token, expert) pairs sorted by expert, cut into blocks of one expert each, a while-loop
                over the blocks; computes only the chosen pairs (XLA:CPU prefill).
-- ``ragged``:  the same sorted pairs through ``jax.lax.ragged_dot`` (XLA:TPU's grouped-matmul kernel;
-               XLA:CPU and XLA:GPU lower it to a dense product over all experts).
+- ``ragged``:  the same sorted pairs through a grouped matmul (``grouped_product``): megablox's Pallas kernel
+               on TPU, reading the ``[out, in]`` experts in place; ``jax.lax.ragged_dot_general`` elsewhere
+               (XLA:CPU and XLA:GPU lower it to a dense product over all experts).
 
 ``choose`` picks one by the platform the step runs on and its token count, from the compiled programs of
 ``qwen2-jax aot`` (docs/accelerators.md) and CPU measurements (docs/moe-dispatch.md). ``loop`` and
@@ -25,10 +27,13 @@ with one layer's expert weights ``gate_proj, up_proj: [E, H, I]`` and ``down_pro
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from . import quant
+from .matmul import product
 from .errors import InputError
 
 IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")
@@ -74,7 +79,7 @@ def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_exp
     # the batched product once they are all touched; the grouped-matmul kernel for a long prefill.
     if pairs < num_experts:
         return "loop"
-    # ragged_dot's kernel takes its weight operand as it is: a quantized one would be dequantized into a copy.
+    # The grouped-matmul kernel takes its weight operand as it is: a quantized one would be dequantized into a copy.
     return "dense" if num_tokens <= 256 or quantized else "ragged"
 
 
@@ -82,9 +87,10 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
     """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype. ``platform`` (for ``auto``): where the
     step runs (default: the default backend)."""
     per_expert = _per_expert(gate_proj)
+    platform = canonical_platform(platform or jax.default_backend())
     if impl == "auto":
         impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_proj),
-                      platform or jax.default_backend(), per_expert=per_expert, quantized=hasattr(gate_proj, "scale"))
+                      platform, per_expert=per_expert, quantized=hasattr(gate_proj, "scale"))
     try:
         fn = _IMPLS[impl]
     except KeyError:
@@ -98,7 +104,9 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
         # A jitted call: every layer whose views have the same shapes shares one traced loop (XLA inlines it, the
         # compiled step is the same), so tracing a step does the loop once, not once per layer.
         fn = _PER_EXPERT_TRACED_ONCE[impl]
-    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj)
+    # loop, grouped and ragged multiply each expert's rows in the form the platform runs fastest
+    rest = (platform,) if impl in ("loop", "grouped", "ragged") else ()
+    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj, *rest)
 
 
 def _per_expert(gate_proj) -> bool:
@@ -109,26 +117,26 @@ def _num_experts(gate_proj) -> int:
     return len(gate_proj) if _per_expert(gate_proj) else gate_proj.shape[0]
 
 
-def _expert_ffn(gate_proj, up_proj, down_proj):
+def _expert_ffn(gate_proj, up_proj, down_proj, platform):
     """``ffn(x, e)``: expert ``e``'s SwiGLU on the rows ``x``, for a traced expert id ``e``. Stacked weights are
     sliced at ``e``; per-expert arrays are picked by a switch, whose branches multiply them in place."""
     if _per_expert(gate_proj):
         # The branches differ only in their weights, so each calls one jitted SwiGLU: traced once for all of them
         # (tracing a CPU step took twice as long with a trace per expert); XLA inlines the calls.
-        branches = [lambda x, g=g, u=u, d=d: _swiglu_traced_once(x, g, u, d)
+        branches = [lambda x, g=g, u=u, d=d: _swiglu_traced_once(x, g, u, d, platform)
                     for g, u, d in zip(gate_proj, up_proj, down_proj)]
         return lambda x, e: jax.lax.switch(e, branches, x)
-    return lambda x, e: swiglu(x, gate_proj[e], up_proj[e], down_proj[e])
+    return lambda x, e: swiglu(x, gate_proj[e], up_proj[e], down_proj[e], platform)
 
 
-def swiglu(x, gate, up, down):
-    """An expert's SwiGLU on rows ``x`` [T, H], its weights ``[in, out]``: HF's ``Qwen2MoeMLP``. Every weight is
-    an array or a ``quant.QArray`` (``quant.einsum``)."""
-    mm = lambda a, w: quant.einsum("ti,io->to", a, w, x.dtype)
+def swiglu(x, gate, up, down, platform: str | None = None):
+    """An expert's SwiGLU on rows ``x`` [T, H], its weights ``[out, in]``: HF's ``Qwen2MoeMLP``. Every weight is
+    an array or a ``quant.QArray``; ``platform`` decides the products' form (``matmul.product``)."""
+    mm = lambda a, w: product(a, w, x.dtype, platform)
     return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
 
 
-_swiglu_traced_once = jax.jit(swiglu)
+_swiglu_traced_once = jax.jit(swiglu, static_argnames="platform")
 
 
 def _combine(weights, experts, num_experts, dtype):
@@ -140,8 +148,8 @@ def dense(x, weights, experts, gate_proj, up_proj, down_proj):
     num_experts = gate_proj.shape[0]
     xe = jnp.broadcast_to(x, (num_experts,) + x.shape)  # [E, T, H]: batched over experts, nothing transposed
     mm = lambda spec, a, w: quant.einsum(spec, a, w, x.dtype)
-    h = jax.nn.silu(mm("eth,ehi->eti", xe, gate_proj)) * mm("eth,ehi->eti", xe, up_proj)
-    out = mm("eti,eih->eth", h, down_proj)
+    h = jax.nn.silu(mm("eth,eih->eti", xe, gate_proj)) * mm("eth,eih->eti", xe, up_proj)
+    out = mm("eti,ehi->eth", h, down_proj)
     return jnp.einsum("eth,te->th", out, _combine(weights, experts, num_experts, x.dtype))
 
 
@@ -150,17 +158,17 @@ def gather(x, weights, experts, gate_proj, up_proj, down_proj):
     # one reduction reading the T x K experts in place; the matmul of a gathered operand copies it first.
     f32 = jnp.float32
 
-    def matvec(rows, w):  # rows [T, K, n], w [E, n, m] -> [T, K, m], rounded as a matmul's output
-        return jnp.sum(rows.astype(f32)[..., None] * w[experts].astype(f32), axis=-2).astype(x.dtype)
+    def matvec(rows, w):  # rows [T, K, n], w [E, m, n] -> [T, K, m], rounded as a matmul's output
+        return jnp.sum(rows.astype(f32)[..., None, :] * w[experts].astype(f32), axis=-1).astype(x.dtype)
 
     xk = jnp.broadcast_to(x[:, None], (x.shape[0], experts.shape[1], x.shape[1]))
     h = jax.nn.silu(matvec(xk, gate_proj)) * matvec(xk, up_proj)
     return jnp.einsum("tkh,tk->th", matvec(h, down_proj), weights)
 
 
-def loop(x, weights, experts, gate_proj, up_proj, down_proj):
+def loop(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None):
     num_experts = _num_experts(gate_proj)
-    ffn = _expert_ffn(gate_proj, up_proj, down_proj)
+    ffn = _expert_ffn(gate_proj, up_proj, down_proj, platform)
     combine = _combine(weights, experts, num_experts, x.dtype)
     used = jnp.any(experts[..., None] == jnp.arange(num_experts), axis=(0, 1))
     # The distinct chosen experts first, in ascending order; the loop stops after the last of them.
@@ -176,7 +184,8 @@ def loop(x, weights, experts, gate_proj, up_proj, down_proj):
     return acc
 
 
-def grouped(x, weights, experts, gate_proj, up_proj, down_proj, block: int | None = None, step: int | None = None):
+def grouped(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None, block: int | None = None,
+            step: int | None = None):
     """(token, expert) pairs sorted by expert and cut into blocks of up to ``block`` rows, each block within
     one expert; a while-loop applies each block's expert to its rows. Only the chosen (token, expert) pairs
     are computed, and each expert is read once per block: the prefill path of XLA:CPU, where ``ragged_dot``
@@ -188,7 +197,7 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, block: int | Non
     num_tokens, top_k = experts.shape
     num_experts = _num_experts(gate_proj)
     hidden = x.shape[-1]
-    ffn = _expert_ffn(gate_proj, up_proj, down_proj)
+    ffn = _expert_ffn(gate_proj, up_proj, down_proj, platform)
     pairs = num_tokens * top_k
     block = block or group_block(num_tokens, top_k, num_experts,
                                  minimum=PER_EXPERT_MIN_BLOCK if _per_expert(gate_proj) else 8)
@@ -233,17 +242,17 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, block: int | Non
     return jnp.einsum("tkh,tk->th", out, weights)
 
 
-@jax.custom_vjp
-def _grouped_with_dense_gradient(x, weights, experts, gate_proj, up_proj, down_proj):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _grouped_with_dense_gradient(x, weights, experts, gate_proj, up_proj, down_proj, platform):
     """``grouped`` forward, ``dense``'s derivative (the same function) backward: what training gets from ``auto``."""
-    return grouped(x, weights, experts, gate_proj, up_proj, down_proj)
+    return grouped(x, weights, experts, gate_proj, up_proj, down_proj, platform)
 
 
 def _grouped_fwd(*args):
-    return grouped(*args), args
+    return grouped(*args), args[:6]
 
 
-def _grouped_bwd(args, cotangent):
+def _grouped_bwd(platform, args, cotangent):
     return jax.vjp(dense, *args)[1](cotangent)
 
 
@@ -275,7 +284,9 @@ def group_step(block: int) -> int:
     return block // 2 if block >= 32 else block
 
 
-def ragged(x, weights, experts, gate_proj, up_proj, down_proj):
+def ragged(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None, interpret: bool = False):
+    """The pairs sorted by expert, each expert's rows one group of a grouped matmul (``grouped_product``);
+    ``interpret``: run the TPU kernel in Pallas' interpreter (a check on the CPU)."""
     num_tokens, top_k = experts.shape
     num_experts = gate_proj.shape[0]
     flat = experts.reshape(-1)
@@ -285,11 +296,31 @@ def ragged(x, weights, experts, gate_proj, up_proj, down_proj):
     xs = jnp.take(x, token_of, axis=0)  # [T*K, H], grouped by expert
     group_sizes = jnp.bincount(jnp.where(skipped, num_experts, flat), length=num_experts + 1)[:num_experts]
     group_sizes = group_sizes.astype(jnp.int32)
-    gate_proj, up_proj, down_proj = (w.astype(x.dtype) for w in (gate_proj, up_proj, down_proj))
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes)) * jax.lax.ragged_dot(xs, up_proj, group_sizes)
-    out = jax.lax.ragged_dot(h, down_proj, group_sizes) * jnp.take(weights.reshape(-1), order)[:, None]
+    mm = lambda a, w: grouped_product(a, w, group_sizes, x.dtype, platform, interpret)
+    h = jax.nn.silu(mm(xs, gate_proj)) * mm(xs, up_proj)
+    grouped_rows = jnp.arange(xs.shape[0]) < jnp.sum(group_sizes)  # the rest (other shards' pairs): no group
+    out = jnp.where(grouped_rows[:, None], mm(h, down_proj), 0) * jnp.take(weights.reshape(-1), order)[:, None]
     return jnp.zeros_like(x).at[token_of].add(out)
 
 
+GMM_TILE = 128  # megablox's default tiles: rows, inputs and outputs each a multiple of them
+
+
+def grouped_product(rows, w, group_sizes, dtype, platform: str | None = None, interpret: bool = False):
+    """``rows [M, in]``, sorted into consecutive groups of ``group_sizes``, each times its group's ``w[g]
+    [out, in]``: ``[M, out]`` (rows past the groups undefined). On TPU, megablox's grouped matmul (Pallas) reads
+    the ``[out, in]`` weights in place (``transpose_rhs``); ``jax.lax.ragged_dot`` there copied every expert into
+    ``[in, out]`` first (24.7 GB a 2,048-token prefill on v5p-8, docs/accelerators.md). Elsewhere, or where its
+    tiles do not divide the shapes, ``ragged_dot_general`` (XLA:CPU and XLA:GPU: a dense product over all groups)."""
+    if platform == "tpu" and not (rows.shape[0] % GMM_TILE or w.shape[1] % GMM_TILE or w.shape[2] % GMM_TILE):
+        from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+        return gmm(rows, w.astype(dtype), group_sizes, preferred_element_type=dtype, transpose_rhs=True,
+                   interpret=interpret)
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    return jax.lax.ragged_dot_general(rows, w.astype(dtype), group_sizes, dims)
+
+
 _IMPLS = {"dense": dense, "gather": gather, "loop": loop, "grouped": grouped, "ragged": ragged}
-_PER_EXPERT_TRACED_ONCE = {"loop": jax.jit(loop), "grouped": jax.jit(grouped)}
+_PER_EXPERT_TRACED_ONCE = {"loop": jax.jit(loop, static_argnums=6), "grouped": jax.jit(grouped, static_argnums=6)}

@@ -1,9 +1,8 @@
 """Parameters: the one table from Hugging Face tensor names to this port's parameter tree.
 
 One row per weight of each layer, named and laid out as Hugging Face stores it (``model.layers.{i}.self_attn.
-q_proj.weight`` is ``("model", "layers", "i", "self_attn", "q_proj", "weight")``, ``[out, in]``), except the
-routed experts: the 64 per-expert tensors of a layer form one ``[experts, in, out]`` array (``transpose``;
-``model.Experts`` says why). Each row says which HF tensor(s) fill it and its logical axes, which
+q_proj.weight`` is ``("model", "layers", "i", "self_attn", "q_proj", "weight")``, ``[out, in]``); the routed
+experts' 64 per-expert tensors of a layer form one ``[experts, out, in]`` stack. Each row says which HF tensor(s) fill it and its logical axes, which
 ``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding rules all
 read this table.
 """
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Iterable, Iterator
 
 import jax
@@ -20,6 +20,11 @@ from flax import nnx
 
 from .config import Qwen2MoeConfig
 from .hf_files import FLOAT_DTYPES, CheckpointError, TensorRef, read_tensors
+
+
+# The version of this table's layout, recorded by the converter: a checkpoint of another one is converted again.
+# 1: the routed experts stacked [experts, in, out] (not recorded then); 2: [experts, out, in], HF's.
+LAYOUT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +37,6 @@ class Param:
     # blocks on the row that holds the scales (``is_scale``; the same HF tensors, quantized as they are read).
     quant_axis: int | None = None
     is_scale: bool = False
-
-    @property
-    def transpose(self) -> bool:
-        """HF's per-expert ``[out, in]`` is our ``[in, out]`` (every other weight is HF's layout)."""
-        return self.per_expert
 
     @property
     def per_expert(self) -> bool:
@@ -74,9 +74,9 @@ def _layer_rows(cfg: Qwen2MoeConfig, i: int) -> list[Param]:
 
     if cfg.sparse_layers[i]:
         rows.append(row("mlp.gate.weight", (None, "embed")))
-        rows += [row("mlp.experts.{e}.gate_proj.weight", ("experts", "embed", "moe_mlp")),  # [E, in, out]
-                 row("mlp.experts.{e}.up_proj.weight", ("experts", "embed", "moe_mlp")),
-                 row("mlp.experts.{e}.down_proj.weight", ("experts", "moe_mlp", "embed"))]
+        rows += [row("mlp.experts.{e}.gate_proj.weight", ("experts", "moe_mlp", "embed")),  # [E, out, in]
+                 row("mlp.experts.{e}.up_proj.weight", ("experts", "moe_mlp", "embed")),
+                 row("mlp.experts.{e}.down_proj.weight", ("experts", "embed", "moe_mlp"))]
         rows += swiglu("mlp.shared_expert", "shared_mlp")
         rows.append(row("mlp.shared_expert_gate.weight", (None, "embed")))
     else:
@@ -100,8 +100,9 @@ def param_table(cfg: Qwen2MoeConfig) -> list[Param]:
         if not is_quantized(cfg, p.path):
             out.append(p)
             continue
-        out.append(dataclasses.replace(p, quant_axis=1))  # [out, in] and [E, in, out]: inputs on axis 1
-        out.append(dataclasses.replace(p, path=scale_path(p.path), quant_axis=1, is_scale=True))
+        axis = len(p.axes) - 1  # [out, in] and [E, out, in]: inputs on the last axis
+        out.append(dataclasses.replace(p, quant_axis=axis))
+        out.append(dataclasses.replace(p, path=scale_path(p.path), quant_axis=axis, is_scale=True))
     return out
 
 
@@ -162,8 +163,7 @@ def hf_names(cfg: Qwen2MoeConfig, p: Param) -> np.ndarray:
 
 
 def hf_shape(cfg: Qwen2MoeConfig, p: Param) -> tuple[int, ...]:
-    shape = param_shape(cfg, p)[p.num_stack_dims:]
-    return shape[::-1] if p.transpose else shape
+    return param_shape(cfg, p)[p.num_stack_dims:]
 
 
 def check_tensors(cfg: Qwen2MoeConfig, tensors: dict[str, TensorRef]) -> dict[str, TensorRef]:
@@ -204,7 +204,7 @@ def read_block(cfg: Qwen2MoeConfig, p: Param, tensors: dict[str, TensorRef], ind
 
     def one(name):
         a = tensors[name].array()
-        return np.asarray((a.T if p.transpose else a)[inner], dtype=dtype)
+        return np.asarray(a[inner], dtype=dtype)
 
     if n == 0:
         return one(str(names))
@@ -232,6 +232,14 @@ def _read_quantized(cfg, p, tensors, index):
 def iter_params(cfg: Qwen2MoeConfig) -> Iterator[tuple[Param, tuple[int, ...]]]:
     for p in param_table(cfg):
         yield p, param_shape(cfg, p)
+
+
+def layout_digest(cfg: Qwen2MoeConfig) -> str:
+    """Eight hex digits over every stored parameter's path, shape and logical axes: two releases that store a
+    parameter differently (even a square one transposed) give different digests. The converter records it and
+    ``restore_params`` refuses a checkpoint of another layout; the demo's cache is keyed by it."""
+    text = "\n".join(f"{p.name} {list(shape)} {list(p.axes)}" for p, shape in iter_params(cfg))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def nest(items: Iterable[tuple[tuple[str, ...], object]]) -> dict:

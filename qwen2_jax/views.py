@@ -2,7 +2,7 @@
 
 XLA:CPU copies a slice of a larger array into a buffer of its own before a matmul reads it, every time the
 compiled function runs: a decode step that reads its layers out of ``[L, ...]`` stacks, or its experts out of
-``[E, H, I]`` blocks, moves each weight three times instead of once (docs/performance.md). A weight that is
+``[E, I, H]`` blocks, moves each weight three times instead of once (docs/performance.md). A weight that is
 an argument of its own is read in place. ``slices(stack)`` makes those arguments without copying: jax arrays
 whose buffers are the rows of ``stack``'s buffer (imported through DLPack), each keeping ``stack`` alive.
 

@@ -56,9 +56,9 @@ def main():
     dtype = jnp.dtype(args.dtype)
     e, h, i, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     key = jax.random.split(jax.random.key(0), 4)
-    gate = (jax.random.normal(key[0], (e, h, i)) * 0.02).astype(dtype)
-    up = (jax.random.normal(key[1], (e, h, i)) * 0.02).astype(dtype)
-    down = (jax.random.normal(key[2], (e, i, h)) * 0.02).astype(dtype)
+    gate = (jax.random.normal(key[0], (e, i, h)) * 0.02).astype(dtype)  # [E, out, in], as the model stacks them
+    up = (jax.random.normal(key[1], (e, i, h)) * 0.02).astype(dtype)
+    down = (jax.random.normal(key[2], (e, h, i)) * 0.02).astype(dtype)
     if args.per_expert:
         gate, up, down = (views.slices(w) for w in (gate, up, down))
     blocks = [b for b in args.blocks.split(",") if b]

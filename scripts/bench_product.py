@@ -1,5 +1,5 @@
-"""A few rows times a weight on XLA:CPU, weight first or weight last (``qwen2_jax.model.product``), for each
-kind of Linear weight of a config: what ``model.WEIGHT_FIRST_MAX_ROWS`` is set from (docs/performance.md).
+"""A few rows times a weight on XLA:CPU, weight first or weight last (``qwen2_jax.matmul.product``), for each
+kind of Linear weight of a config: what ``matmul.WEIGHT_FIRST_MAX_ROWS`` is set from (docs/performance.md).
 
     python scripts/bench_product.py                                       # quarter config, 1 to 512 rows
     python scripts/bench_product.py --config tiny --rows 1,4 --repeats 2  # seconds (the tests)
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax.bench import QUARTER, bench_config
-from qwen2_jax.model import WEIGHT_FIRST_MAX_ROWS, product
+from qwen2_jax.matmul import WEIGHT_FIRST_MAX_ROWS, product
 
 
 def weights(cfg) -> dict[str, tuple[tuple[int, int], int]]:

@@ -55,7 +55,7 @@ def _weight_spec(mesh: Mesh, w, spec: P):
 
 
 def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = None):
-    """A callable ``(x[T,H], weights[T,K], experts[T,K], gate_proj[E,H,I], up_proj[E,H,I], down_proj[E,I,H],
+    """A callable ``(x[T,H], weights[T,K], experts[T,K], gate_proj[E,I,H], up_proj[E,I,H], down_proj[E,H,I],
     shared=None) -> [T,H]`` running the routed experts expert-parallel on ``mesh``, plus, with ``shared =
     (gate[T,1], gate_proj[S,H], up_proj[S,H], down_proj[H,S])``, the shared expert scaled by its gate value;
     ``impl`` is the ``qwen2_jax.moe`` implementation each shard runs on its local experts ("auto" chooses per
@@ -64,7 +64,7 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
     n_expert, n_tensor, n_data = mesh.shape["expert"], mesh.shape["tensor"], mesh.shape["data"]
 
     def run(x, weights, experts, gate_proj, up_proj, down_proj, shared=None):
-        num_experts, _, inner = gate_proj.shape
+        num_experts, inner, _ = gate_proj.shape
         if num_experts % n_expert:
             raise InputError(f"num_experts={num_experts} is not divisible by the mesh's expert axis ({n_expert})")
         # The same layouts as rules.logical_spec gives the weights, so that shard_map moves nothing.
@@ -85,7 +85,7 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
             # there they point at local expert 0 instead (weight 0: they add exactly nothing).
             elsewhere = 0 if here == "gather" else n_local
             out = moe.dispatch(x, jnp.where(mine, weights, 0), jnp.where(mine, ids, elsewhere),
-                               gate_proj, up_proj, down_proj, impl=here)
+                               gate_proj, up_proj, down_proj, impl=here, platform=platform)
             if "tensor" in reduce_over and not mlp:  # experts whole on every tensor shard: add them once
                 out = jnp.where(jax.lax.axis_index("tensor") == 0, out, 0)
             if shared:
@@ -99,8 +99,8 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
 
         t = P(tokens)
         ws = lambda w, spec: _weight_spec(mesh, w, spec)
-        specs = [t, t, t, ws(gate_proj, P("expert", None, mlp)), ws(up_proj, P("expert", None, mlp)),
-                 ws(down_proj, P("expert", mlp, None))]
+        specs = [t, t, t, ws(gate_proj, P("expert", mlp, None)), ws(up_proj, P("expert", mlp, None)),
+                 ws(down_proj, P("expert", None, mlp))]
         args = [x, weights, experts, gate_proj, up_proj, down_proj]
         if shared is not None:
             specs += [t, ws(shared[1], P(shared_mlp, None)), ws(shared[2], P(shared_mlp, None)),

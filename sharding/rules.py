@@ -1,6 +1,6 @@
 """Partition rules: every parameter and cache array, from its logical axes to the mesh, in one table.
 
-Parameters carry logical axes in ``qwen2_jax.params.param_table`` (e.g. ``("experts", "embed", "moe_mlp")``);
+Parameters carry logical axes in ``qwen2_jax.params.param_table`` (e.g. ``("experts", "moe_mlp", "embed")``);
 ``RULES`` maps each logical axis to a mesh axis. A dimension whose units (heads for the head
 axes, elements otherwise) do not divide by its mesh axis is replicated instead, except the experts, which
 must divide: an expert split in two would need a different dispatch.

@@ -7,7 +7,8 @@ from flax import nnx
 
 from qwen2_jax.cache import KVCache
 from qwen2_jax.config import Qwen2MoeConfig
-from qwen2_jax.model import WEIGHT_FIRST_MAX_ROWS, RMSNorm, abstract_model, init_random, product
+from qwen2_jax.matmul import WEIGHT_FIRST_MAX_ROWS, product
+from qwen2_jax.model import RMSNorm, abstract_model, init_random
 
 TINY = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                       shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -21,8 +22,8 @@ def test_every_layer_owns_its_weights_in_hugging_faces_layout():
     assert layers[0]["self_attn"]["q_proj"]["weight"].shape == (32, 32)  # [out, in], as HF's nn.Linear
     assert layers[0]["self_attn"]["k_proj"]["weight"].shape == (16, 32)
     assert layers[0]["mlp"]["gate"]["weight"].shape == (4, 32)
-    assert layers[0]["mlp"]["experts"]["gate_proj"].shape == (4, 32, 16)  # [E, in, out]
-    assert layers[0]["mlp"]["experts"]["down_proj"].shape == (4, 16, 32)
+    assert layers[0]["mlp"]["experts"]["gate_proj"].shape == (4, 16, 32)  # [E, out, in]: HF's experts stacked
+    assert layers[0]["mlp"]["experts"]["down_proj"].shape == (4, 32, 16)
     assert layers[1]["mlp"]["gate_proj"]["weight"].shape == (48, 32)  # a dense (mlp_only) layer
 
 

@@ -14,7 +14,7 @@ def _inputs(tokens, experts=8, top_k=3, hidden=16, inner=8, seed=0, dtype=jnp.fl
     probs = jax.nn.softmax(jax.random.normal(k[1], (tokens, experts)) * 3)
     weights, idx = jax.lax.top_k(probs, top_k)
     w = [jax.random.normal(k[i], s, dtype) * 0.3 for i, s in
-         zip((2, 3, 4), ((experts, hidden, inner), (experts, hidden, inner), (experts, inner, hidden)))]
+         zip((2, 3, 4), ((experts, inner, hidden), (experts, inner, hidden), (experts, hidden, inner)))]  # [out, in]
     return x, weights.astype(dtype), idx, *w
 
 
@@ -205,3 +205,54 @@ def test_per_expert_blocks_hold_at_least_four_rows():
     stacked = jax.make_jaxpr(lambda x: moe.grouped(x, weights, idx, g, u, d))(x)  # stacked: copies, 8 rows
     (loop,) = [e for e in stacked.jaxpr.eqns if e.primitive.name == "while"]
     assert [v.aval.shape[1] for v in loop.outvars if v.aval.ndim == 3] == [8]
+
+
+def _all_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs inside it (calls, loops, switch branches)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    yield from _all_eqns(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(inner)
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_an_experts_few_rows_are_multiplied_weight_first_on_xla_cpu_only(platform, impl, per_expert):
+    """Expert weights are HF's ``[out, in]``. On XLA:CPU the loop and the grouped blocks multiply them weight
+    first (``matmul.product``: the matmul library then repacks the few rows, not the weight); a TPU step keeps
+    the rows first. The result is the dense reference either way."""
+    x, weights, idx, g, u, d = args = _inputs(5, experts=8, top_k=3, hidden=24, inner=12)
+    experts = _per_expert(g, u, d) if per_expert else (g, u, d)
+    fn = lambda x, *e: moe.dispatch(x, weights, idx, *e, impl=impl, platform=platform)
+    jaxpr = jax.make_jaxpr(fn)(x, *experts)
+    weight_shapes = {(12, 24), (24, 12)}  # [out, in] of gate_proj / up_proj and of down_proj
+    dots = [tuple(tuple(v.aval.shape) for v in e.invars) for e in _all_eqns(jaxpr.jaxpr)
+            if e.primitive.name == "dot_general"]
+    with_weight = [(lhs in weight_shapes, rhs in weight_shapes) for lhs, rhs in dots if {lhs, rhs} & weight_shapes]
+    assert set(with_weight) == ({(True, False)} if platform == "cpu" else {(False, True)})
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, *experts)), np.asarray(moe.dense(*args)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_on_tpu_runs_megablox_on_the_out_in_experts_as_stored_and_equals_dense():
+    """On TPU ``ragged`` multiplies through megablox's grouped matmul, reading the ``[out, in]`` experts as stored
+    (``transpose_rhs``; XLA:TPU's ``ragged_dot`` copied them); elsewhere, or where its 128-tiles do not divide the
+    shapes, ``ragged_dot_general``. The kernel runs here in Pallas' interpreter, with and without pairs of other
+    shards (ids past the last expert, weight 0), which must add nothing."""
+    x, weights, idx, g, u, d = _inputs(32, experts=8, top_k=4, hidden=128, inner=256)
+    kinds = lambda platform, *a: {e.primitive.name for e in _all_eqns(
+        jax.make_jaxpr(lambda *a: moe.ragged(*a, platform))(*a).jaxpr)}
+    assert "pallas_call" in kinds("tpu", x, weights, idx, g, u, d)
+    assert "ragged_dot_general" not in kinds("tpu", x, weights, idx, g, u, d)
+    assert "ragged_dot_general" in kinds("cpu", x, weights, idx, g, u, d)
+    assert "pallas_call" not in kinds("tpu", *_inputs(32, experts=8, top_k=4, hidden=96, inner=256))  # 96: no tiles
+    elsewhere = idx >= 6
+    for w, i in ((weights, idx), (jnp.where(elsewhere, 0, weights), jnp.where(elsewhere, 8, idx))):
+        ref = moe.dense(x, w, jnp.where(i == 8, 0, i), g, u, d)
+        out = moe.ragged(x, w, i, g, u, d, "tpu", interpret=True)  # float32 sums in another order: 1e-6 of the scale
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6 * np.abs(ref).max())

@@ -164,7 +164,8 @@ def test_the_param_table_holds_values_then_scales_for_each_quantized_weight():
     assert len(scales) == 4 + 3 + 3  # q/k/v/o, the experts' three stacks, the shared expert's three
     for s in scales:
         values = rows[rows.index(s) - 1]
-        assert values.quant_axis == 1 and values.hf == s.hf and s.path[-1] == values.path[-1] + "_scale"
+        inputs = len(values.axes) - 1  # [out, in] and [E, out, in]: the inputs are the last axis
+        assert values.quant_axis == inputs and values.hf == s.hf and s.path[-1] == values.path[-1] + "_scale"
 
 
 def test_bad_quantization_input_is_refused_in_one_line(hf_dir, tmp_path):

@@ -150,7 +150,7 @@ def _our_grad(cfg, grads, name):
         if hit.size or (names.ndim == 0 and str(names) == name):
             node = lookup(grads, p.path)
             block = np.asarray(node)[tuple(hit[0])] if hit.size else np.asarray(node)
-            return block.T if p.transpose else block
+            return block
     raise KeyError(name)
 
 
