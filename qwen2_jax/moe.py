@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from . import quant
-from .matmul import product
 from .errors import InputError
+from .matmul import product
 
 IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")
 
