@@ -157,8 +157,8 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
         raise CheckpointError(f"{directory}: {e}{RECONVERT_ALL}") from None
     layout = _layout_version(path)
     if layout != LAYOUT_VERSION:
-        raise CheckpointError(f"{directory}: stored in parameter layout {layout} (the routed experts "
-                              f"{'[experts, in, out]' if layout == 1 else 'otherwise'}), this version reads layout "
+        experts = " (the routed experts [experts, in, out])" if layout == 1 else ""
+        raise CheckpointError(f"{directory}: stored in parameter layout {layout}{experts}, this version reads layout "
                               f"{LAYOUT_VERSION}{RECONVERT}")
     try:
         stored = orbax_io.stored_shapes(directory)
@@ -304,7 +304,7 @@ def _dtype_summary(shapes) -> str:
     return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
 
 
-def _layout_version(path) -> int | None:
+def _layout_version(path) -> int:
     """The parameter layout the conversion at ``path`` recorded (1 where it recorded none: the releases of layout
     1 did not); where it has no readable metadata file, nothing to check (this version's own)."""
     try:

@@ -4,7 +4,8 @@
 
 with one layer's expert weights in HF's ``[out, in]`` layout, ``gate_proj, up_proj: [E, I, H]`` and
 ``down_proj: [E, H, I]`` (or, for ``loop`` and ``grouped``, sequences of E per-expert arrays, each applied by a
-``lax.switch`` branch).
+``lax.switch`` branch). Each implementation also takes the ``platform`` the step runs on, for the form of its
+products (``matmul.product``, the grouped matmul of ``ragged``).
 
 - ``dense``:   every token through every expert as one product batched over the expert axis
                (``eth,eih->eti``: the weights are read in place, once each); the reference, and what a batch
@@ -104,9 +105,7 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
         # A jitted call: every layer whose views have the same shapes shares one traced loop (XLA inlines it, the
         # compiled step is the same), so tracing a step does the loop once, not once per layer.
         fn = _PER_EXPERT_TRACED_ONCE[impl]
-    # loop, grouped and ragged multiply each expert's rows in the form the platform runs fastest
-    rest = (platform,) if impl in ("loop", "grouped", "ragged") else ()
-    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj, *rest)
+    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj, platform)
 
 
 def _per_expert(gate_proj) -> bool:
@@ -144,7 +143,8 @@ def _combine(weights, experts, num_experts, dtype):
     return jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=dtype))
 
 
-def dense(x, weights, experts, gate_proj, up_proj, down_proj):
+def dense(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None):
+    # ``platform`` (every implementation takes it): unused, one program for every backend
     num_experts = gate_proj.shape[0]
     xe = jnp.broadcast_to(x, (num_experts,) + x.shape)  # [E, T, H]: batched over experts, nothing transposed
     mm = lambda spec, a, w: quant.einsum(spec, a, w, x.dtype)
@@ -153,7 +153,7 @@ def dense(x, weights, experts, gate_proj, up_proj, down_proj):
     return jnp.einsum("eth,te->th", out, _combine(weights, experts, num_experts, x.dtype))
 
 
-def gather(x, weights, experts, gate_proj, up_proj, down_proj):
+def gather(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None):
     # Each product is written as a float32 multiply-and-sum over the gathered weights, which XLA:GPU fuses into
     # one reduction reading the T x K experts in place; the matmul of a gathered operand copies it first.
     f32 = jnp.float32

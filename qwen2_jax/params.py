@@ -2,8 +2,8 @@
 
 One row per weight of each layer, named and laid out as Hugging Face stores it (``model.layers.{i}.self_attn.
 q_proj.weight`` is ``("model", "layers", "i", "self_attn", "q_proj", "weight")``, ``[out, in]``); the routed
-experts' 64 per-expert tensors of a layer form one ``[experts, out, in]`` stack. Each row says which HF tensor(s) fill it and its logical axes, which
-``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding rules all
+experts' 64 per-expert tensors of a layer form one ``[experts, out, in]`` stack. Each row says which HF
+tensor(s) fill it and its logical axes, which ``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding rules all
 read this table.
 """
 
@@ -236,8 +236,8 @@ def iter_params(cfg: Qwen2MoeConfig) -> Iterator[tuple[Param, tuple[int, ...]]]:
 
 def layout_digest(cfg: Qwen2MoeConfig) -> str:
     """Eight hex digits over every stored parameter's path, shape and logical axes: two releases that store a
-    parameter differently (even a square one transposed) give different digests. The converter records it and
-    ``restore_params`` refuses a checkpoint of another layout; the demo's cache is keyed by it."""
+    parameter differently (even a square one transposed) give different digests. The demo's cache is keyed by
+    it; converted checkpoints record ``LAYOUT_VERSION`` instead (a digest would change with config.json)."""
     text = "\n".join(f"{p.name} {list(shape)} {list(p.axes)}" for p, shape in iter_params(cfg))
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 

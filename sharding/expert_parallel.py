@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from qwen2_jax import moe, quant
+from qwen2_jax import moe
 from qwen2_jax.errors import InputError
 from qwen2_jax.quant import QArray
 
@@ -28,14 +28,6 @@ def shard_map(f, mesh: Mesh, in_specs, out_specs):
     from jax.experimental.shard_map import shard_map as legacy
 
     return legacy(f, mesh, in_specs, out_specs, check_rep=False)
-
-
-def _linear_swiglu(x, gate, up, down):
-    """The shared expert (``model.MLP``) on the ``[out, in]`` weights of its Linear layers (arrays, or
-    ``QArray``s dequantized in the product)."""
-    mm = lambda spec, a, w: quant.einsum(spec, a, w, x.dtype)
-    h = jax.nn.silu(mm("th,sh->ts", x, gate)) * mm("th,sh->ts", x, up)
-    return mm("ts,hs->th", h, down)
 
 
 def _weight_spec(mesh: Mesh, w, spec: P):
@@ -90,7 +82,7 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
                 out = jnp.where(jax.lax.axis_index("tensor") == 0, out, 0)
             if shared:
                 gate, *weights_s = shared
-                part = _linear_swiglu(x, *weights_s) * gate
+                part = moe.swiglu(x, *weights_s, platform) * gate  # its [out, in] weights, as an expert's
                 first = jax.lax.axis_index("expert") == 0
                 if "tensor" in reduce_over and not shared_mlp:
                     first &= jax.lax.axis_index("tensor") == 0

@@ -152,6 +152,18 @@ def test_per_expert_arrays_are_refused_by_the_stacked_only_implementations():
         moe.dispatch(x, weights, idx, *per_expert, impl="fast")
 
 
+def _all_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs inside it (calls, loops, switch branches)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    yield from _all_eqns(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(inner)
+
+
 @pytest.mark.parametrize("impl", ["loop", "grouped"])
 def test_per_expert_switch_branches_share_one_traced_swiglu(impl):
     """Each of the switch's per-expert branches calls the same traced SwiGLU: tracing a step does the expert's
@@ -159,16 +171,7 @@ def test_per_expert_switch_branches_share_one_traced_swiglu(impl):
     x, weights, idx, g, u, d = _inputs(5)
     jaxpr = jax.make_jaxpr(lambda x, pe: moe.dispatch(x, weights, idx, *pe, impl=impl))(x, _per_expert(g, u, d))
 
-    def switches(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "cond":
-                yield eqn.params["branches"]
-            for param in eqn.params.values():
-                for inner in param if isinstance(param, (tuple, list)) else (param,):
-                    if isinstance(inner, jax.extend.core.ClosedJaxpr) and eqn.primitive.name != "cond":
-                        yield from switches(inner.jaxpr)
-
-    (branches,) = list(switches(jaxpr.jaxpr))
+    (branches,) = [e.params["branches"] for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "cond"]
     assert len(branches) == g.shape[0]
     assert all(len(b.jaxpr.eqns) == 1 for b in branches)  # a branch is one call ...
     assert len({id(b.jaxpr.eqns[0].params["jaxpr"]) for b in branches}) == 1  # ... of the same traced function
@@ -206,17 +209,6 @@ def test_per_expert_blocks_hold_at_least_four_rows():
     (loop,) = [e for e in stacked.jaxpr.eqns if e.primitive.name == "while"]
     assert [v.aval.shape[1] for v in loop.outvars if v.aval.ndim == 3] == [8]
 
-
-def _all_eqns(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs inside it (calls, loops, switch branches)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(inner, jax.extend.core.ClosedJaxpr):
-                    yield from _all_eqns(inner.jaxpr)
-                elif isinstance(inner, jax.extend.core.Jaxpr):
-                    yield from _all_eqns(inner)
 
 
 @pytest.mark.parametrize("per_expert", [False, True])
