@@ -157,8 +157,8 @@ def restore_params(path, cfg: Qwen2MoeConfig, dtype, shardings: dict | None = No
         raise CheckpointError(f"{directory}: {e}{RECONVERT_ALL}") from None
     layout = _layout_version(path)
     if layout != LAYOUT_VERSION:
-        experts = " (the routed experts [experts, in, out])" if layout == 1 else ""
-        raise CheckpointError(f"{directory}: stored in parameter layout {layout}{experts}, this version reads layout "
+        was = f" ({_EARLIER_LAYOUTS[layout]})" if layout in _EARLIER_LAYOUTS else ""
+        raise CheckpointError(f"{directory}: stored in parameter layout {layout}{was}, this version reads layout "
                               f"{LAYOUT_VERSION}{RECONVERT}")
     try:
         stored = orbax_io.stored_shapes(directory)
@@ -302,6 +302,10 @@ def _dtype_name(dt) -> str:
 def _dtype_summary(shapes) -> str:
     names = sorted({_dtype_name(dt) for _, dt in shapes.values()})
     return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
+
+
+_EARLIER_LAYOUTS = {1: "the routed experts [experts, in, out]",
+                    2: "the routed experts' gate_proj and up_proj in stacks of their own"}
 
 
 def _layout_version(path) -> int:

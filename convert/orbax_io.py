@@ -60,7 +60,7 @@ class Source:
 
 def plan_blocks(shape, axes, num_stack_dims: int, itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(write block shape, read chunk shape) for a parameter of our ``shape`` with logical ``axes``
-    (``Param.axes``), of which the first ``num_stack_dims`` stack HF tensors (the experts).
+    (``Param.axes``), of which the first ``num_stack_dims`` stack HF tensors (the experts, and gate and up).
 
     Per-expert parameters are written several whole experts at a time; a tensor bigger than a block is split
     into ranges of its rows (HF's layout is ours), so every read from the safetensors file is sequential.
@@ -70,8 +70,12 @@ def plan_blocks(shape, axes, num_stack_dims: int, itemsize: int) -> tuple[tuple[
     tensor_bytes = math.prod(inner) * itemsize
     if tensor_bytes <= BLOCK_BYTES:
         block = list((1,) * n + inner)
-        if n == 1:  # several experts of one layer
-            block[0] = _divisor_at_most(shape[0], BLOCK_BYTES // max(tensor_bytes, 1))
+        fit = BLOCK_BYTES // max(tensor_bytes, 1)
+        for a in reversed(range(n)):  # several whole tensors: every part of an expert, then several experts
+            block[a] = _divisor_at_most(shape[a], fit)
+            if block[a] < shape[a]:
+                break
+            fit //= shape[a]
     else:
         axis = n
         row_bytes = tensor_bytes // shape[axis]

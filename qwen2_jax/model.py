@@ -166,31 +166,33 @@ class MLP(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """One layer's routed experts, HF's per-expert ``[out, in]`` weights stacked on the expert axis:
-    ``gate_proj, up_proj [E, I, H]`` and ``down_proj [E, H, I]``. Every dispatch of ``moe`` reads them in place on
-    GPU and TPU (docs/accelerators.md); on XLA:CPU an expert's few rows are multiplied weight first
-    (``matmul.product``), which this layout allows: a batch-16 decode step of the quarter config took 0.78x the
-    time of the ``[E, in, out]`` stacks' (docs/performance.md). Quantized, each has its scales beside it
-    (``gate_proj_scale [E, I, blocks]``, ...)."""
+    """One layer's routed experts, stacked on the expert axis as transformers holds them (``Qwen2MoeExperts``):
+    ``gate_up_proj [E, 2, I, H]`` (HF's ``[E, 2I, H]``, gate then up, split on an axis of their own so that a
+    tensor-parallel split of ``I`` keeps each device's gate and up rows together) and ``down_proj [E, H, I]``,
+    each expert ``[out, in]``. Every dispatch of ``moe`` reads them in place on GPU and TPU
+    (docs/accelerators.md); gate and up are one product per expert, a weight of ``2I`` rows (a batch-16 decode step
+    of the quarter config on XLA:CPU 0.94x the time of two products, v5p-8's batch-64 step 0.95x the bytes,
+    docs/performance.md). On XLA:CPU an expert's few rows are multiplied weight first (``matmul.product``). Quantized, each has its scales beside it
+    (``gate_up_proj_scale [E, 2, I, blocks]``, ...)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, param_dtype, rngs, quant=None):
-        self.gate_proj, self.gate_proj_scale = _param(rngs, (num_experts, intermediate, hidden), param_dtype, quant, 2)
-        self.up_proj, self.up_proj_scale = _param(rngs, (num_experts, intermediate, hidden), param_dtype, quant, 2)
+        self.gate_up_proj, self.gate_up_proj_scale = _param(rngs, (num_experts, 2, intermediate, hidden), param_dtype,
+                                                            quant, 3)
         self.down_proj, self.down_proj_scale = _param(rngs, (num_experts, hidden, intermediate), param_dtype, quant, 2)
         self.dtype = dtype
 
     def operands(self):
-        """(gate_proj, up_proj, down_proj) as the dispatch reads them: arrays in the compute dtype, or ``QArray``s."""
+        """(gate_up_proj, down_proj) as the dispatch reads them: arrays in the compute dtype, or ``QArray``s."""
         out = []
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name, axis in (("gate_up_proj", 3), ("down_proj", 2)):
             scale = getattr(self, name + "_scale")
             w = getattr(self, name)[...]
-            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], 2))
+            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], axis))
         return out
 
     def __call__(self, x, weights, experts, impl: str | Callable = "auto", platform: str | None = None,
                  views=None):
-        """``views``: this layer's experts as ``(gate_proj, up_proj, down_proj)`` tuples of per-expert arrays
+        """``views``: this layer's experts as ``(gate_up_proj, down_proj)`` tuples of per-expert arrays
         (``views.expert_views``), read instead of the parameters."""
         if views is not None:
             return moe.dispatch(x, weights, experts, *views, impl=impl, platform=platform)

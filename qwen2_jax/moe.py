@@ -1,11 +1,12 @@
 """Routed-expert dispatch: one interface, several implementations that compute the same function.
 
-    y[t] = sum_k weights[t, k] * down(silu(x[t] @ gate_proj[e]) * (x[t] @ up_proj[e])),   e = experts[t, k]
+    y[t] = sum_k weights[t, k] * down(silu(x[t] @ gate[e]) * (x[t] @ up[e])),   e = experts[t, k]
 
-with one layer's expert weights in HF's ``[out, in]`` layout, ``gate_proj, up_proj: [E, I, H]`` and
-``down_proj: [E, H, I]`` (or, for ``loop`` and ``grouped``, sequences of E per-expert arrays, each applied by a
-``lax.switch`` branch). Each implementation also takes the ``platform`` the step runs on, for the form of its
-products (``matmul.product``, the grouped matmul of ``ragged``).
+with one layer's expert weights stacked as transformers holds them, each expert ``[out, in]``:
+``gate_up_proj: [E, 2, I, H]`` (gate and up, multiplied as one ``[2I, H]`` weight) and ``down_proj: [E, H, I]`` (or,
+for ``loop`` and ``grouped``, sequences of E per-expert arrays, each applied by a ``lax.switch`` branch). Each
+implementation also takes the ``platform`` the step runs on, for the form of its products (``matmul.product``, the
+grouped matmul of ``ragged``).
 
 - ``dense``:   every token through every expert as one product batched over the expert axis
                (``eth,eih->eti``: the weights are read in place, once each); the reference, and what a batch
@@ -84,14 +85,14 @@ def choose(num_tokens: int, top_k: int, num_experts: int, platform: str, per_exp
     return "dense" if num_tokens <= 256 or quantized else "ragged"
 
 
-def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "auto", platform: str | None = None):
+def dispatch(x, weights, experts, gate_up_proj, down_proj, impl: str = "auto", platform: str | None = None):
     """x: [T, H]; weights, experts: [T, K] -> [T, H] in x's dtype. ``platform`` (for ``auto``): where the
     step runs (default: the default backend)."""
-    per_expert = _per_expert(gate_proj)
+    per_expert = _per_expert(gate_up_proj)
     platform = canonical_platform(platform or jax.default_backend())
     if impl == "auto":
-        impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_proj),
-                      platform, per_expert=per_expert, quantized=hasattr(gate_proj, "scale"))
+        impl = choose(x.shape[0], experts.shape[1], _num_experts(gate_up_proj),
+                      platform, per_expert=per_expert, quantized=hasattr(gate_up_proj, "scale"))
     try:
         fn = _IMPLS[impl]
     except KeyError:
@@ -105,34 +106,52 @@ def dispatch(x, weights, experts, gate_proj, up_proj, down_proj, impl: str = "au
         # A jitted call: every layer whose views have the same shapes shares one traced loop (XLA inlines it, the
         # compiled step is the same), so tracing a step does the loop once, not once per layer.
         fn = _PER_EXPERT_TRACED_ONCE[impl]
-    return fn(x, weights.astype(x.dtype), experts, gate_proj, up_proj, down_proj, platform)
+    return fn(x, weights.astype(x.dtype), experts, gate_up_proj, down_proj, platform)
 
 
-def _per_expert(gate_proj) -> bool:
-    return isinstance(gate_proj, (tuple, list))
+def _per_expert(gate_up_proj) -> bool:
+    return isinstance(gate_up_proj, (tuple, list))
 
 
-def _num_experts(gate_proj) -> int:
-    return len(gate_proj) if _per_expert(gate_proj) else gate_proj.shape[0]
+def _num_experts(gate_up_proj) -> int:
+    return len(gate_up_proj) if _per_expert(gate_up_proj) else gate_up_proj.shape[0]
 
 
-def _expert_ffn(gate_proj, up_proj, down_proj, platform):
+def _expert_ffn(gate_up_proj, down_proj, platform):
     """``ffn(x, e)``: expert ``e``'s SwiGLU on the rows ``x``, for a traced expert id ``e``. Stacked weights are
     sliced at ``e``; per-expert arrays are picked by a switch, whose branches multiply them in place."""
-    if _per_expert(gate_proj):
+    if _per_expert(gate_up_proj):
         # The branches differ only in their weights, so each calls one jitted SwiGLU: traced once for all of them
         # (tracing a CPU step took twice as long with a trace per expert); XLA inlines the calls.
-        branches = [lambda x, g=g, u=u, d=d: _swiglu_traced_once(x, g, u, d, platform)
-                    for g, u, d in zip(gate_proj, up_proj, down_proj)]
+        branches = [lambda x, gu=gu, d=d: _swiglu_traced_once(x, gu, d, platform)
+                    for gu, d in zip(gate_up_proj, down_proj)]
         return lambda x, e: jax.lax.switch(e, branches, x)
-    return lambda x, e: swiglu(x, gate_proj[e], up_proj[e], down_proj[e], platform)
+    return lambda x, e: swiglu(x, gate_up_proj[e], down_proj[e], platform)
 
 
-def swiglu(x, gate, up, down, platform: str | None = None):
-    """An expert's SwiGLU on rows ``x`` [T, H], its weights ``[out, in]``: HF's ``Qwen2MoeMLP``. Every weight is
-    an array or a ``quant.QArray``; ``platform`` decides the products' form (``matmul.product``)."""
+def swiglu(x, gate_up, down, platform: str | None = None):
+    """An expert's SwiGLU on rows ``x`` [T, H], ``gate_up [2, I, H]`` (gate, then up) and ``down [H, I]``: HF's
+    ``Qwen2MoeExperts`` for one expert. Every weight is an array or a ``quant.QArray``; ``platform`` decides the
+    products' form (``matmul.product``)."""
     mm = lambda a, w: product(a, w, x.dtype, platform)
-    return mm(jax.nn.silu(mm(x, gate)) * mm(x, up), down)
+    return mm(_gated(mm(x, _merged(gate_up))), down)
+
+
+def _merged(gate_up):
+    """``gate_up_proj [..., 2, I, H]`` as HF's ``[..., 2I, H]`` (a ``QArray``'s values and scales alike): one
+    product for gate and up, whose ``[..., 2I]`` output ``_gated`` cuts in halves. A reshape of the stored bytes,
+    no copy; its products keep a plain ``[rows, 2I]`` output (a ``[rows, 2, I]`` one is tiled with its 2 padded
+    to 8 on TPU)."""
+    merge = lambda a: a.reshape(*a.shape[:-3], -1, a.shape[-1])
+    if isinstance(gate_up, quant.QArray):
+        return quant.QArray(merge(gate_up.values), merge(gate_up.scale), gate_up.ndim - 2)
+    return merge(gate_up)
+
+
+def _gated(y):
+    """silu(gate) * up from a ``[..., 2I]`` product of ``_merged(gate_up_proj)``."""
+    half = y.shape[-1] // 2
+    return jax.nn.silu(y[..., :half]) * y[..., half:]
 
 
 _swiglu_traced_once = jax.jit(swiglu, static_argnames="platform")
@@ -143,17 +162,18 @@ def _combine(weights, experts, num_experts, dtype):
     return jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, num_experts, dtype=dtype))
 
 
-def dense(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None):
+def dense(x, weights, experts, gate_up_proj, down_proj, platform: str | None = None):
     # ``platform`` (every implementation takes it): unused, one program for every backend
-    num_experts = gate_proj.shape[0]
+    num_experts = gate_up_proj.shape[0]
     xe = jnp.broadcast_to(x, (num_experts,) + x.shape)  # [E, T, H]: batched over experts, nothing transposed
     mm = lambda spec, a, w: quant.einsum(spec, a, w, x.dtype)
-    h = jax.nn.silu(mm("eth,eih->eti", xe, gate_proj)) * mm("eth,eih->eti", xe, up_proj)
+    # gate and up as one [E, 2I, H] weight: XLA:GPU copied the [E, 2, I, H] operand of an "ecih" product
+    h = _gated(mm("eth,eoh->eto", xe, _merged(gate_up_proj)))
     out = mm("eti,ehi->eth", h, down_proj)
     return jnp.einsum("eth,te->th", out, _combine(weights, experts, num_experts, x.dtype))
 
 
-def gather(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None):
+def gather(x, weights, experts, gate_up_proj, down_proj, platform: str | None = None):
     # Each product is written as a float32 multiply-and-sum over the gathered weights, which XLA:GPU fuses into
     # one reduction reading the T x K experts in place; the matmul of a gathered operand copies it first.
     f32 = jnp.float32
@@ -162,13 +182,12 @@ def gather(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | N
         return jnp.sum(rows.astype(f32)[..., None, :] * w[experts].astype(f32), axis=-1).astype(x.dtype)
 
     xk = jnp.broadcast_to(x[:, None], (x.shape[0], experts.shape[1], x.shape[1]))
-    h = jax.nn.silu(matvec(xk, gate_proj)) * matvec(xk, up_proj)
-    return jnp.einsum("tkh,tk->th", matvec(h, down_proj), weights)
+    return jnp.einsum("tkh,tk->th", matvec(_gated(matvec(xk, _merged(gate_up_proj))), down_proj), weights)
 
 
-def loop(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None):
-    num_experts = _num_experts(gate_proj)
-    ffn = _expert_ffn(gate_proj, up_proj, down_proj, platform)
+def loop(x, weights, experts, gate_up_proj, down_proj, platform: str | None = None):
+    num_experts = _num_experts(gate_up_proj)
+    ffn = _expert_ffn(gate_up_proj, down_proj, platform)
     combine = _combine(weights, experts, num_experts, x.dtype)
     used = jnp.any(experts[..., None] == jnp.arange(num_experts), axis=(0, 1))
     # The distinct chosen experts first, in ascending order; the loop stops after the last of them.
@@ -184,7 +203,7 @@ def loop(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | Non
     return acc
 
 
-def grouped(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None, block: int | None = None,
+def grouped(x, weights, experts, gate_up_proj, down_proj, platform: str | None = None, block: int | None = None,
             step: int | None = None):
     """(token, expert) pairs sorted by expert and cut into blocks of up to ``block`` rows, each block within
     one expert; a while-loop applies each block's expert to its rows. Only the chosen (token, expert) pairs
@@ -195,12 +214,12 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | 
     over the ``block // step`` row counts), so padding stays under ``step`` rows per expert, where a whole
     padded block wastes half a block on average (docs/moe-dispatch.md)."""
     num_tokens, top_k = experts.shape
-    num_experts = _num_experts(gate_proj)
+    num_experts = _num_experts(gate_up_proj)
     hidden = x.shape[-1]
-    ffn = _expert_ffn(gate_proj, up_proj, down_proj, platform)
+    ffn = _expert_ffn(gate_up_proj, down_proj, platform)
     pairs = num_tokens * top_k
     block = block or group_block(num_tokens, top_k, num_experts,
-                                 minimum=PER_EXPERT_MIN_BLOCK if _per_expert(gate_proj) else 8)
+                                 minimum=PER_EXPERT_MIN_BLOCK if _per_expert(gate_up_proj) else 8)
     step = step or group_step(block)
     if block % step:
         raise ValueError(f"grouped: step {step} does not divide block {block}")
@@ -242,14 +261,14 @@ def grouped(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | 
     return jnp.einsum("tkh,tk->th", out, weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _grouped_with_dense_gradient(x, weights, experts, gate_proj, up_proj, down_proj, platform):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _grouped_with_dense_gradient(x, weights, experts, gate_up_proj, down_proj, platform):
     """``grouped`` forward, ``dense``'s derivative (the same function) backward: what training gets from ``auto``."""
-    return grouped(x, weights, experts, gate_proj, up_proj, down_proj, platform)
+    return grouped(x, weights, experts, gate_up_proj, down_proj, platform)
 
 
 def _grouped_fwd(*args):
-    return grouped(*args), args[:6]
+    return grouped(*args), args[:5]
 
 
 def _grouped_bwd(platform, args, cotangent):
@@ -284,11 +303,11 @@ def group_step(block: int) -> int:
     return block // 2 if block >= 32 else block
 
 
-def ragged(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | None = None, interpret: bool = False):
+def ragged(x, weights, experts, gate_up_proj, down_proj, platform: str | None = None, interpret: bool = False):
     """The pairs sorted by expert, each expert's rows one group of a grouped matmul (``grouped_product``);
     ``interpret``: run the TPU kernel in Pallas' interpreter (a check on the CPU)."""
     num_tokens, top_k = experts.shape
-    num_experts = gate_proj.shape[0]
+    num_experts = gate_up_proj.shape[0]
     flat = experts.reshape(-1)
     skipped = (flat < 0) | (flat >= num_experts)  # other shards' pairs: sorted last, outside every group
     order = jnp.argsort(jnp.where(skipped, num_experts, flat), stable=True)
@@ -297,7 +316,7 @@ def ragged(x, weights, experts, gate_proj, up_proj, down_proj, platform: str | N
     group_sizes = jnp.bincount(jnp.where(skipped, num_experts, flat), length=num_experts + 1)[:num_experts]
     group_sizes = group_sizes.astype(jnp.int32)
     mm = lambda a, w: grouped_product(a, w, group_sizes, x.dtype, platform, interpret)
-    h = jax.nn.silu(mm(xs, gate_proj)) * mm(xs, up_proj)
+    h = _gated(mm(xs, _merged(gate_up_proj)))
     grouped_rows = jnp.arange(xs.shape[0]) < jnp.sum(group_sizes)  # the rest (other shards' pairs): no group
     out = jnp.where(grouped_rows[:, None], mm(h, down_proj), 0) * jnp.take(weights.reshape(-1), order)[:, None]
     return jnp.zeros_like(x).at[token_of].add(out)
@@ -323,4 +342,4 @@ def grouped_product(rows, w, group_sizes, dtype, platform: str | None = None, in
 
 
 _IMPLS = {"dense": dense, "gather": gather, "loop": loop, "grouped": grouped, "ragged": ragged}
-_PER_EXPERT_TRACED_ONCE = {"loop": jax.jit(loop, static_argnums=6), "grouped": jax.jit(grouped, static_argnums=6)}
+_PER_EXPERT_TRACED_ONCE = {"loop": jax.jit(loop, static_argnums=5), "grouped": jax.jit(grouped, static_argnums=5)}

@@ -2,7 +2,10 @@
 
 One row per weight of each layer, named and laid out as Hugging Face stores it (``model.layers.{i}.self_attn.
 q_proj.weight`` is ``("model", "layers", "i", "self_attn", "q_proj", "weight")``, ``[out, in]``); the routed
-experts' 64 per-expert tensors of a layer form one ``[experts, out, in]`` stack. Each row says which HF
+experts of a layer are stacked as transformers (5) holds them at run time: ``gate_up_proj`` from the 64 experts'
+``gate_proj`` and ``up_proj`` tensors, ``[experts, 2, out, in]`` (HF's ``[experts, 2 * out, in]``, the same bytes,
+with gate and up on an axis of their own so that a tensor-parallel split of ``out`` keeps each device's gate and
+up rows together), and ``down_proj``, ``[experts, out, in]``. Each row says which HF
 tensor(s) fill it and its logical axes, which ``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding rules all
 read this table.
 """
@@ -23,20 +26,22 @@ from .hf_files import FLOAT_DTYPES, CheckpointError, TensorRef, read_tensors
 
 
 # The version of this table's layout, recorded by the converter: a checkpoint of another one is converted again.
-# 1: the routed experts stacked [experts, in, out] (not recorded then); 2: [experts, out, in], HF's.
-LAYOUT_VERSION = 2
+# 1: the routed experts stacked [experts, in, out] (not recorded then); 2: [experts, out, in], HF's;
+# 3: gate_proj and up_proj as one gate_up_proj [experts, 2, out, in], transformers' own stack.
+LAYOUT_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class Param:
     path: tuple[str, ...]  # in the module tree; a layer's index is a string ("0")
-    hf: str  # HF name; {e} is the expert
+    hf: str  # HF name; {e} is the expert, {part} each of ``parts``
     axes: tuple[str | None, ...]  # logical axes of our array
     layer: int | None = None  # the decoder layer it belongs to
     # Quantized weights (``cfg.quantization``): the contracting axis of the values, and of their scales'
     # blocks on the row that holds the scales (``is_scale``; the same HF tensors, quantized as they are read).
     quant_axis: int | None = None
     is_scale: bool = False
+    parts: tuple[str, ...] = ()  # HF tensors stacked on the axis after the experts' (gate_proj, up_proj)
 
     @property
     def per_expert(self) -> bool:
@@ -44,8 +49,8 @@ class Param:
 
     @property
     def num_stack_dims(self) -> int:
-        """Leading dims that stack several HF tensors (the expert axis)."""
-        return int(self.per_expert)
+        """Leading dims that stack several HF tensors (the expert axis, then the parts' axis)."""
+        return int(self.per_expert) + int(bool(self.parts))
 
     @property
     def name(self) -> str:
@@ -74,9 +79,10 @@ def _layer_rows(cfg: Qwen2MoeConfig, i: int) -> list[Param]:
 
     if cfg.sparse_layers[i]:
         rows.append(row("mlp.gate.weight", (None, "embed")))
-        rows += [row("mlp.experts.{e}.gate_proj.weight", ("experts", "moe_mlp", "embed")),  # [E, out, in]
-                 row("mlp.experts.{e}.up_proj.weight", ("experts", "moe_mlp", "embed")),
-                 row("mlp.experts.{e}.down_proj.weight", ("experts", "embed", "moe_mlp"))]
+        experts = ("model", "layers", str(i), "mlp", "experts")
+        rows += [Param(experts + ("gate_up_proj",), prefix + "mlp.experts.{e}.{part}.weight",  # [E, 2, out, in]
+                       ("experts", None, "moe_mlp", "embed"), i, parts=("gate_proj", "up_proj")),
+                 row("mlp.experts.{e}.down_proj.weight", ("experts", "embed", "moe_mlp"))]  # [E, out, in]
         rows += swiglu("mlp.shared_expert", "shared_mlp")
         rows.append(row("mlp.shared_expert_gate.weight", (None, "embed")))
     else:
@@ -100,7 +106,7 @@ def param_table(cfg: Qwen2MoeConfig) -> list[Param]:
         if not is_quantized(cfg, p.path):
             out.append(p)
             continue
-        axis = len(p.axes) - 1  # [out, in] and [E, out, in]: inputs on the last axis
+        axis = len(p.axes) - 1  # [out, in], [E, out, in] and [E, 2, out, in]: inputs on the last axis
         out.append(dataclasses.replace(p, quant_axis=axis))
         out.append(dataclasses.replace(p, path=scale_path(p.path), quant_axis=axis, is_scale=True))
     return out
@@ -108,7 +114,7 @@ def param_table(cfg: Qwen2MoeConfig) -> list[Param]:
 
 # Quantized when the config asks: the projections of attention and of every MLP and expert (not the router,
 # the shared-expert gate, norms, biases or embeddings), and lm_head with QuantConfig.lm_head.
-_QUANTIZED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+_QUANTIZED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"}
 
 
 def is_quantized(cfg: Qwen2MoeConfig, path: tuple[str, ...]) -> bool:
@@ -124,7 +130,7 @@ def is_quantized(cfg: Qwen2MoeConfig, path: tuple[str, ...]) -> bool:
 
 def scale_path(path: tuple[str, ...]) -> tuple[str, ...]:
     """Where the scales of the quantized weight at ``path`` live: ``weight_scale`` beside a Linear's ``weight``,
-    ``gate_proj_scale`` beside an expert stack ``gate_proj``."""
+    ``gate_up_proj_scale`` beside an expert stack ``gate_up_proj``."""
     return path[:-1] + (path[-1] + "_scale",)
 
 
@@ -156,7 +162,11 @@ def _abstract_shapes(cfg: Qwen2MoeConfig) -> dict[tuple[str, ...], tuple[int, ..
 
 
 def hf_names(cfg: Qwen2MoeConfig, p: Param) -> np.ndarray:
-    """HF tensor names filling ``p``: a scalar array, or one name per expert."""
+    """HF tensor names filling ``p``: a scalar array, or one name per expert (and part), shaped as the stack
+    dims."""
+    if p.parts:
+        return np.array([[p.hf.format(e=e, part=part) for part in p.parts] for e in range(cfg.num_experts)],
+                        dtype=object)
     if p.per_expert:
         return np.array([p.hf.format(e=e) for e in range(cfg.num_experts)], dtype=object)
     return np.array(p.hf, dtype=object)

@@ -2,7 +2,7 @@
 
 XLA:CPU copies a slice of a larger array into a buffer of its own before a matmul reads it, every time the
 compiled function runs: a decode step that reads its layers out of ``[L, ...]`` stacks, or its experts out of
-``[E, I, H]`` blocks, moves each weight three times instead of once (docs/performance.md). A weight that is
+``[E, 2, I, H]`` blocks, moves each weight three times instead of once (docs/performance.md). A weight that is
 an argument of its own is read in place. ``slices(stack)`` makes those arguments without copying: jax arrays
 whose buffers are the rows of ``stack``'s buffer (imported through DLPack), each keeping ``stack`` alive.
 
@@ -83,20 +83,20 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def expert_views(model):
-    """Per layer, the routed experts as ``(gate_proj, up_proj, down_proj)`` tuples of per-expert views of the
+    """Per layer, the routed experts as ``(gate_up_proj, down_proj)`` tuples of per-expert views of the
     layer's stacks (None for a dense layer), where ``slices`` makes views: on XLA:CPU, for a model of one
     device; None elsewhere. Made on first use and kept, with the model, while its weights are the same arrays."""
     sparse = [layer.mlp.experts for layer in model.model.layers if layer.sparse]
     if not sparse or getattr(model, "mesh", None) is not None:
         return None
-    stacks = [p[...] for e in sparse for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    stacks = [p[...] for e in sparse for p in (e.gate_up_proj, e.down_proj)]
     if not all(can_alias(a) for a in stacks) or stacks[0].dtype != np.dtype(sparse[0].dtype):
         return None
     cached = _CACHE.get(model)
     if cached is not None and all(r() is a for r, a in zip(cached[0], stacks)):
         return cached[1]
     it = iter(stacks)
-    out = tuple((slices(next(it)), slices(next(it)), slices(next(it))) if layer.sparse else None
+    out = tuple((slices(next(it)), slices(next(it))) if layer.sparse else None
                 for layer in model.model.layers)
     _CACHE[model] = (tuple(weakref.ref(a) for a in stacks), out)
     return out

@@ -56,11 +56,10 @@ def main():
     dtype = jnp.dtype(args.dtype)
     e, h, i, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     key = jax.random.split(jax.random.key(0), 4)
-    gate = (jax.random.normal(key[0], (e, i, h)) * 0.02).astype(dtype)  # [E, out, in], as the model stacks them
-    up = (jax.random.normal(key[1], (e, i, h)) * 0.02).astype(dtype)
+    gate_up = (jax.random.normal(key[0], (e, 2, i, h)) * 0.02).astype(dtype)  # [E, 2, out, in], as the model stacks them
     down = (jax.random.normal(key[2], (e, h, i)) * 0.02).astype(dtype)
     if args.per_expert:
-        gate, up, down = (views.slices(w) for w in (gate, up, down))
+        gate_up, down = (views.slices(w) for w in (gate_up, down))
     blocks = [b for b in args.blocks.split(",") if b]
     impls = args.impls.split(",") + [f"grouped/{b}" for b in blocks]
     rows, routing = [], []
@@ -82,11 +81,11 @@ def main():
                 ms[m] = float("nan")  # gather: it would materialise over 2 GB of gathered weights
                 continue
             if block:
-                fn = jax.jit(lambda x, w, idx, g, u, d, b=block, s=step or None:
-                             moe.grouped(x, w, idx, g, u, d, block=b, step=s))
+                fn = jax.jit(lambda x, w, idx, gu, d, b=block, s=step or None:
+                             moe.grouped(x, w, idx, gu, d, block=b, step=s))
             else:
                 fn = jax.jit(lambda *a, m=m: moe.dispatch(*a, impl=m))
-            ms[m] = 1e3 * time_fn(fn, (x, w, idx, gate, up, down), args.repeats)
+            ms[m] = 1e3 * time_fn(fn, (x, w, idx, gate_up, down), args.repeats)
         best = min((m for m in ms if ms[m] == ms[m]), key=ms.get)
         auto = moe.choose(t, k, e, jax.default_backend(), per_expert=args.per_expert)
         if auto == "grouped":

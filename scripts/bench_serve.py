@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 
@@ -119,8 +120,6 @@ class Server:
         self.started = time.perf_counter()
 
     def wait_ready(self, timeout=1800):
-        import urllib.request
-
         while time.perf_counter() - self.started < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: see {self.log.name}")
@@ -230,6 +229,22 @@ def summarize(results, duration, concurrency) -> dict:
             "decode_tokens_per_s": concurrency / statistics.mean(tpots) if tpots else None}
 
 
+def engine_counters(url) -> dict | None:
+    """Our server's prefill calls and decode steps so far (its ``/metrics``); None for a server without them."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    found = {}
+    for key, metric in (("prefill_calls", "prefill_calls_total"), ("decode_steps", "decode_steps_total")):
+        values = [line.split()[-1] for line in text.splitlines() if line.split(" ")[0].split("{")[0].endswith(metric)]
+        if not values:
+            return None
+        found[key] = int(float(values[0]))
+    return found
+
+
 def bench_server(server, model, args, prompts_for, extra_body) -> list[dict]:
     levels = []
     for c in args.levels:
@@ -237,11 +252,16 @@ def bench_server(server, model, args, prompts_for, extra_body) -> list[dict]:
         *prompts, warm = prompts_for(n + 1, seed=args.seed + c)
         # Warm the path with a prompt of its own: a level's prompt sent before would find its tokens cached.
         asyncio.run(run_level(server.url, model, [warm], 1, None, 2, extra_body, 0))
+        before = engine_counters(server.url)
         result = asyncio.run(run_level(server.url, model, prompts, c, args.request_rate, args.output_len, extra_body,
                                        args.seed))
+        after = engine_counters(server.url)
+        if before and after:  # our server: how the level's prompts were prefilled, between how many decode steps
+            result.update({k: after[k] - before[k] for k in after})
         print(f"  {server.name}: concurrency {c}: {result['completed']}/{n} done, "
-              f"{result['output_tokens_per_s']:.1f} output tokens/s, p50 TTFT {result['ttft_ms']['p50']:.0f} ms",
-              flush=True)
+              f"{result['output_tokens_per_s']:.1f} output tokens/s, p50 TTFT {result['ttft_ms']['p50']:.0f} ms"
+              + (f", {result['prefill_calls']} prefill calls, {result['decode_steps']} decode steps"
+                 if "prefill_calls" in result else ""), flush=True)
         levels.append(result)
     return levels
 

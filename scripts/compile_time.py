@@ -35,8 +35,7 @@ def compile_seconds(cfg, batch: int, seq: int, dtype, decode: bool) -> tuple[flo
     if decode:
         cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, 256, dtype=dtype))
         views = tuple(tuple(tuple(jax.ShapeDtypeStruct(w.shape[1:], w.dtype) for _ in range(w.shape[0]))
-                            for w in (layer.mlp.experts.gate_proj, layer.mlp.experts.up_proj,
-                                      layer.mlp.experts.down_proj)) if layer.sparse else None
+                            for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)) if layer.sparse else None
                       for layer in model.model.layers)
 
         def fn(params, views, cache, ids):

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from qwen2_jax import moe
 from qwen2_jax.errors import InputError
+from qwen2_jax.matmul import product
 from qwen2_jax.quant import QArray
 
 
@@ -47,16 +48,16 @@ def _weight_spec(mesh: Mesh, w, spec: P):
 
 
 def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = None):
-    """A callable ``(x[T,H], weights[T,K], experts[T,K], gate_proj[E,I,H], up_proj[E,I,H], down_proj[E,H,I],
-    shared=None) -> [T,H]`` running the routed experts expert-parallel on ``mesh``, plus, with ``shared =
+    """A callable ``(x[T,H], weights[T,K], experts[T,K], gate_up_proj[E,2,I,H], down_proj[E,H,I], shared=None)
+    -> [T,H]`` running the routed experts expert-parallel on ``mesh``, plus, with ``shared =
     (gate[T,1], gate_proj[S,H], up_proj[S,H], down_proj[H,S])``, the shared expert scaled by its gate value;
     ``impl`` is the ``qwen2_jax.moe`` implementation each shard runs on its local experts ("auto" chooses per
     shard, for ``platform``, default the mesh's)."""
     platform = moe.canonical_platform(platform or mesh.devices.flat[0].platform)
     n_expert, n_tensor, n_data = mesh.shape["expert"], mesh.shape["tensor"], mesh.shape["data"]
 
-    def run(x, weights, experts, gate_proj, up_proj, down_proj, shared=None):
-        num_experts, inner, _ = gate_proj.shape
+    def run(x, weights, experts, gate_up_proj, down_proj, shared=None):
+        num_experts, _, inner, _ = gate_up_proj.shape
         if num_experts % n_expert:
             raise InputError(f"num_experts={num_experts} is not divisible by the mesh's expert axis ({n_expert})")
         # The same layouts as rules.logical_spec gives the weights, so that shard_map moves nothing.
@@ -66,10 +67,10 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
         shared_mlp = split(shared[1].shape[0]) if shared is not None else None
         reduce_over = ("expert", "tensor") if mlp or shared_mlp else ("expert",)
 
-        def local(x, weights, experts, gate_proj, up_proj, down_proj, *shared):
-            n_local = gate_proj.shape[0]
+        def local(x, weights, experts, gate_up_proj, down_proj, *shared):
+            n_local = gate_up_proj.shape[0]
             here = (moe.choose(x.shape[0], experts.shape[1], n_local, platform,
-                               quantized=isinstance(gate_proj, QArray)) if impl == "auto" else impl)
+                               quantized=isinstance(gate_up_proj, QArray)) if impl == "auto" else impl)
             ids = experts - jax.lax.axis_index("expert") * n_local
             mine = (ids >= 0) & (ids < n_local)
             # Pairs routed to other shards get weight 0 and the id one past the last local expert, which the
@@ -77,12 +78,13 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
             # there they point at local expert 0 instead (weight 0: they add exactly nothing).
             elsewhere = 0 if here == "gather" else n_local
             out = moe.dispatch(x, jnp.where(mine, weights, 0), jnp.where(mine, ids, elsewhere),
-                               gate_proj, up_proj, down_proj, impl=here, platform=platform)
+                               gate_up_proj, down_proj, impl=here, platform=platform)
             if "tensor" in reduce_over and not mlp:  # experts whole on every tensor shard: add them once
                 out = jnp.where(jax.lax.axis_index("tensor") == 0, out, 0)
             if shared:
-                gate, *weights_s = shared
-                part = moe.swiglu(x, *weights_s, platform) * gate  # its [out, in] weights, as an expert's
+                gate, gate_s, up_s, down_s = shared
+                mm = lambda a, w: product(a, w, x.dtype, platform)
+                part = mm(jax.nn.silu(mm(x, gate_s)) * mm(x, up_s), down_s) * gate  # HF's Qwen2MoeMLP
                 first = jax.lax.axis_index("expert") == 0
                 if "tensor" in reduce_over and not shared_mlp:
                     first &= jax.lax.axis_index("tensor") == 0
@@ -91,9 +93,8 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
 
         t = P(tokens)
         ws = lambda w, spec: _weight_spec(mesh, w, spec)
-        specs = [t, t, t, ws(gate_proj, P("expert", mlp, None)), ws(up_proj, P("expert", mlp, None)),
-                 ws(down_proj, P("expert", None, mlp))]
-        args = [x, weights, experts, gate_proj, up_proj, down_proj]
+        specs = [t, t, t, ws(gate_up_proj, P("expert", None, mlp, None)), ws(down_proj, P("expert", None, mlp))]
+        args = [x, weights, experts, gate_up_proj, down_proj]
         if shared is not None:
             specs += [t, ws(shared[1], P(shared_mlp, None)), ws(shared[2], P(shared_mlp, None)),
                       ws(shared[3], P(None, shared_mlp))]

@@ -174,8 +174,8 @@ def test_restore_refuses_a_checkpoint_that_does_not_match_config_json(converted,
     raw = json.loads((copy / "config.json").read_text())
     raw["moe_intermediate_size"] = 48
     (copy / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match=r"parameter model/layers/0/mlp/experts/gate_proj has shape "
-                                              r"\[8, 32, 64\], expected \[8, 48, 64\] from config.json"):
+    with pytest.raises(CheckpointError, match=r"parameter model/layers/0/mlp/experts/gate_up_proj has shape "
+                                              r"\[8, 2, 32, 64\], expected \[8, 2, 48, 64\] from config.json"):
         qwen2_jax.from_pretrained(copy, dtype="float32")
 
 
@@ -195,17 +195,23 @@ def test_restore_names_a_parameter_the_checkpoint_lacks_and_says_to_convert_agai
         qwen2_jax.from_pretrained(converted, dtype="float32")
 
 
-def test_a_checkpoint_with_the_experts_of_layout_1_is_refused_with_convert_again(converted, tmp_path):
-    """Releases of parameter layout 1 stacked the routed experts [experts, in, out] and recorded no layout; their
-    checkpoints have the same paths (and, for a square expert, the same shapes), so the recorded layout decides."""
+@pytest.mark.parametrize("layout,was", [(1, r"the routed experts \[experts, in, out\]"),
+                                        (2, r"the routed experts' gate_proj and up_proj in stacks of their own")])
+def test_a_checkpoint_of_an_earlier_expert_layout_is_refused_with_convert_again(converted, tmp_path, layout, was):
+    """Releases of parameter layout 1 stacked the routed experts [experts, in, out] and recorded no layout; layout 2
+    stacked gate_proj and up_proj apart. For a square expert layout 1 has the same paths and shapes, so the recorded
+    layout decides."""
     copy = tmp_path / "copy"
     shutil.copytree(converted, copy)
     meta = json.loads((copy / "qwen2_jax.json").read_text())
-    assert meta["layout_version"] == 2
-    del meta["layout_version"]
+    assert meta["layout_version"] == 3
+    if layout == 1:
+        del meta["layout_version"]
+    else:
+        meta["layout_version"] = layout
     (copy / "qwen2_jax.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"stored in parameter layout 1 \(the routed experts \[experts, in, out\]\), "
-                                              r"this version reads layout 2" + AGAIN):
+    with pytest.raises(CheckpointError, match=rf"stored in parameter layout {layout} \({was}\), "
+                                              r"this version reads layout 3" + AGAIN):
         qwen2_jax.from_pretrained(copy, dtype="float32")
 
 
@@ -260,7 +266,7 @@ def test_output_holds_config_generation_config_tokenizer_files_and_metadata(hf_d
     assert on_disk["qwen2_jax_version"] == qwen2_jax.__version__
     assert on_disk["dtype"] == "float32"
     assert on_disk["source"]["files"] == [{"name": "model.safetensors", "bytes": os.path.getsize(src / "model.safetensors")}]
-    assert on_disk["params"]["model/layers/2/mlp/experts/up_proj"] == {"shape": [8, 32, 64], "dtype": "float32"}
+    assert on_disk["params"]["model/layers/2/mlp/experts/gate_up_proj"] == {"shape": [8, 2, 32, 64], "dtype": "float32"}
     assert on_disk["params"]["model/layers/1/mlp/up_proj/weight"] == {"shape": [96, 64], "dtype": "float32"}
     assert {k: v for k, v in meta.items() if k != "seconds"} == on_disk
     assert sorted(os.listdir(out / "params")) and "_METADATA" in os.listdir(out / "params")
@@ -501,7 +507,9 @@ def test_written_checkpoint_sharded_in_bfloat16_has_an_index_and_reads_back(tmp_
     assert names["model.norm.weight"].dtype == torch.bfloat16
     np.testing.assert_array_equal(names["model.norm.weight"].float().numpy(), np.ones(64, np.float32))
     gate = names["model.layers.1.mlp.experts.6.gate_proj.weight"].float().numpy()
-    np.testing.assert_array_equal(gate, np.asarray(ours["model"]["layers"][1]["mlp"]["experts"]["gate_proj"][6]))
+    up = names["model.layers.1.mlp.experts.6.up_proj.weight"].float().numpy()
+    np.testing.assert_array_equal(np.stack([gate, up]),
+                                  np.asarray(ours["model"]["layers"][1]["mlp"]["experts"]["gate_up_proj"][6]))
     assert 0.015 < gate.std() < 0.025
 
 

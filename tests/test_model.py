@@ -22,7 +22,7 @@ def test_every_layer_owns_its_weights_in_hugging_faces_layout():
     assert layers[0]["self_attn"]["q_proj"]["weight"].shape == (32, 32)  # [out, in], as HF's nn.Linear
     assert layers[0]["self_attn"]["k_proj"]["weight"].shape == (16, 32)
     assert layers[0]["mlp"]["gate"]["weight"].shape == (4, 32)
-    assert layers[0]["mlp"]["experts"]["gate_proj"].shape == (4, 16, 32)  # [E, out, in]: HF's experts stacked
+    assert layers[0]["mlp"]["experts"]["gate_up_proj"].shape == (4, 2, 16, 32)  # [E, 2, out, in]: gate and up stacked
     assert layers[0]["mlp"]["experts"]["down_proj"].shape == (4, 32, 16)
     assert layers[1]["mlp"]["gate_proj"]["weight"].shape == (48, 32)  # a dense (mlp_only) layer
 

@@ -161,10 +161,10 @@ def test_the_param_table_holds_values_then_scales_for_each_quantized_weight():
                          quantization=QuantConfig("int8", 8))
     rows = param_table(cfg)
     scales = [p for p in rows if p.is_scale]
-    assert len(scales) == 4 + 3 + 3  # q/k/v/o, the experts' three stacks, the shared expert's three
+    assert len(scales) == 4 + 2 + 3  # q/k/v/o, the experts' two stacks (gate_up, down), the shared expert's three
     for s in scales:
         values = rows[rows.index(s) - 1]
-        inputs = len(values.axes) - 1  # [out, in] and [E, out, in]: the inputs are the last axis
+        inputs = len(values.axes) - 1  # [out, in], [E, out, in], [E, 2, out, in]: the inputs are the last axis
         assert values.quant_axis == inputs and values.hf == s.hf and s.path[-1] == values.path[-1] + "_scale"
 
 

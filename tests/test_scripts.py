@@ -132,7 +132,11 @@ def test_bench_serve_script_loads_our_server_at_each_concurrency_in_its_tiny_mod
               str(tmp_path / "serve.json"), "--plot", str(tmp_path / "serve.png"))
     assert "| qwen2-jax | 1 | 4 / 0 |" in out and "| qwen2-jax | 4 | 8 / 0 |" in out
     result = json.loads((tmp_path / "serve.json").read_text())
-    assert [level["output_tokens"] for level in result["servers"]["qwen2-jax"]] == [4 * 8, 8 * 8]
+    levels = result["servers"]["qwen2-jax"]
+    assert [level["output_tokens"] for level in levels] == [4 * 8, 8 * 8]
+    # the engine's own counters over each level: every prompt prefilled in some call, 8 tokens in 7 steps or more
+    assert [1 <= level["prefill_calls"] <= level["completed"] for level in levels] == [True, True]
+    assert all(level["decode_steps"] >= 7 for level in levels)
     assert result["generate_b8_decode_tokens_per_s"] > 0 and os.path.isfile(tmp_path / "serve.png")
 
 

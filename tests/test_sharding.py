@@ -216,7 +216,7 @@ def test_rules_put_experts_on_expert_and_heads_mlp_widths_vocab_on_tensor():
     from qwen2_jax.sharding import make_mesh, param_shardings
 
     specs = {"/".join(k): v.spec for k, v in param_shardings(CFG, make_mesh("expert=4,tensor=2")).items()}
-    assert specs["model/layers/2/mlp/experts/gate_proj"] == P("expert", "tensor", None)  # [E, out, in]
+    assert specs["model/layers/2/mlp/experts/gate_up_proj"] == P("expert", None, "tensor", None)  # [E, 2, out, in]
     assert specs["model/layers/2/mlp/experts/down_proj"] == P("expert", None, "tensor")
     assert specs["model/layers/2/mlp/shared_expert/up_proj/weight"] == P("tensor", None)  # [out, in]
     assert specs["model/layers/0/self_attn/q_proj/weight"] == P("tensor", None)
@@ -260,10 +260,10 @@ def test_expert_parallel_dispatch_equals_the_single_device_dispatch(spec, impl):
     x = rng.normal(size=(6, 16)).astype(np.float32)
     probs = jax.nn.softmax(rng.normal(size=(6, 8)) * 3)
     weights, experts = jax.lax.top_k(probs, 3)
-    w = [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, 4, 16), (8, 4, 16), (8, 16, 4))]  # [E, out, in]
+    w = [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, 2, 4, 16), (8, 16, 4))]  # gate_up, down: [out, in]
     ref = moe.dispatch(x, weights, experts, *w, impl="dense")
     placed = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in
-              zip(w, (P("expert", "tensor", None), P("expert", "tensor", None), P("expert", None, "tensor")))]
+              zip(w, (P("expert", None, "tensor", None), P("expert", None, "tensor")))]
     out = jax.jit(expert_parallel_moe(mesh, impl))(x, weights, experts, *placed)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
@@ -281,10 +281,10 @@ def test_expert_parallel_dispatch_has_the_single_device_gradients():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 16)).astype(np.float32)
     weights, experts = jax.lax.top_k(jax.nn.softmax(rng.normal(size=(6, 8)) * 3), 3)
-    w = [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, 4, 16), (8, 4, 16), (8, 16, 4))]  # [E, out, in]
+    w = [rng.normal(size=s).astype(np.float32) * 0.3 for s in ((8, 2, 4, 16), (8, 16, 4))]  # gate_up, down: [out, in]
     loss = lambda dispatch: lambda *a: jnp.sum(jnp.sin(dispatch(a[0], a[1], experts, *a[2:])))
-    grads = jax.grad(loss(lambda *a: moe.dispatch(*a, impl="dense")), argnums=range(5))(x, weights, *w)
-    sharded = jax.jit(jax.grad(loss(expert_parallel_moe(mesh, "gather")), argnums=range(5)))(x, weights, *w)
+    grads = jax.grad(loss(lambda *a: moe.dispatch(*a, impl="dense")), argnums=range(4))(x, weights, *w)
+    sharded = jax.jit(jax.grad(loss(expert_parallel_moe(mesh, "gather")), argnums=range(4)))(x, weights, *w)
     for ref, got in zip(grads, sharded):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
 

@@ -392,14 +392,14 @@ def test_restoring_into_a_state_of_another_structure_is_refused_in_one_line(tmp_
 def test_weight_decay_masks_biases_and_norm_scales_only():
     params = {"model": {"norm": {"weight": 0}, "layers": {0: {"input_layernorm": {"weight": 0},
                                                               "self_attn": {"q_proj": {"weight": 0, "bias": 0}},
-                                                              "mlp": {"experts": {"gate_proj": 0}}}},
+                                                              "mlp": {"experts": {"gate_up_proj": 0}}}},
                         "embed_tokens": {"embedding": 0}},
               "lm_head": {"weight": 0}}
     mask = training._decays(params)
     assert mask == {"model": {"norm": {"weight": False},
                               "layers": {0: {"input_layernorm": {"weight": False},
                                              "self_attn": {"q_proj": {"weight": True, "bias": False}},
-                                             "mlp": {"experts": {"gate_proj": True}}}},
+                                             "mlp": {"experts": {"gate_up_proj": True}}}},
                               "embed_tokens": {"embedding": True}},
                     "lm_head": {"weight": True}}
 

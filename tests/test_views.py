@@ -49,9 +49,9 @@ def test_expert_views_alias_each_layers_experts_and_give_the_same_forward():
     model = init_random(cfg, dtype=jnp.float32)
     per_layer = views.expert_views(model)
     assert per_layer[1] is None  # a dense layer has no experts
-    gate = model.model.layers[2].mlp.experts.gate_proj[...]  # [8, 32, 16]
-    np.testing.assert_array_equal(np.asarray(per_layer[2][0][3]), np.asarray(gate[3]))
-    assert per_layer[2][0][3].unsafe_buffer_pointer() - gate.unsafe_buffer_pointer() == 3 * 32 * 16 * 4
+    gate_up = model.model.layers[2].mlp.experts.gate_up_proj[...]  # [8, 2, 16, 32]
+    np.testing.assert_array_equal(np.asarray(per_layer[2][0][3]), np.asarray(gate_up[3]))
+    assert per_layer[2][0][3].unsafe_buffer_pointer() - gate_up.unsafe_buffer_pointer() == 3 * 2 * 16 * 32 * 4
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 6)), jnp.int32)
     want = model.forward(ids).logits
     for impl in ("loop", "grouped"):
