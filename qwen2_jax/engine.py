@@ -3,7 +3,9 @@
 One KV cache of ``slots`` rows x ``max_len`` positions lives on the device, donated to every step. One thread
 (``Engine``) owns it and, in a loop:
 
-- frees the slots whose requests ended or were aborted, and admits waiting requests into free slots;
+- frees the slots whose requests ended or were aborted, and admits waiting requests into free slots (idle, it first
+  lets a request that just came wait up to ``batch_wait_ms`` for the rest of its burst, so that they share packed
+  calls);
 - prefills, one call of at most ``prefill_chunk`` prompt tokens per loop, so that the slots already decoding go
   on between calls (jitted, the state donated): ``_prefill_packed`` runs the whole prompts next in line that
   fit together, packed into one row of a power of two >= 16 tokens (each attends only to itself: the model's
@@ -76,6 +78,9 @@ from .generate import MIN_PROMPT_BUCKET, bucket, default_eos_token_ids
 from .sampling import apply_repetition_penalty, apply_temperature, check_sampling_args, nucleus_threshold
 
 MAX_EOS = 8  # end tokens per request, padded with -1
+# An idle engine's wait for the rest of a burst: 10 ms gathered 16 clients' requests into two full packed calls
+# on the quarter config (docs/serving.md); a lone request's first token comes that much later.
+DEFAULT_BATCH_WAIT_MS = 10.0
 MIN_PREFIX = MIN_PROMPT_BUCKET  # cached tokens a prompt must reuse (and half of it) to skip their prefill
 # How many times each jitted function has been traced, and how many XLA compilations this process has run
 # (a function compiles again without a new trace for arguments of another layout): tests and /metrics check
@@ -485,13 +490,16 @@ class _Prefill:
 
 
 def check_settings(context_length: int, *, flags: bool = False, **settings) -> None:
-    """InputError for engine settings (``slots``, ``max_len``, ``prefill_chunk``, ``max_waiting``) it cannot
-    run with, named as keywords or, with ``flags``, as the command line's ``--flags``."""
+    """InputError for engine settings (``slots``, ``max_len``, ``prefill_chunk``, ``max_waiting``,
+    ``batch_wait_ms``) it cannot run with, named as keywords or, with ``flags``, as the command line's ``--flags``."""
     name = (lambda key: "--" + key.replace("_", "-")) if flags else (lambda key: key)
     for key, low in (("slots", 1), ("max_len", 2), ("prefill_chunk", MIN_PROMPT_BUCKET), ("max_waiting", 0)):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name(key)} must be an integer >= {low}, got {value!r}")
+    wait = settings.get("batch_wait_ms", 0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 10_000:
+        raise InputError(f"{name('batch_wait_ms')} must be a number of milliseconds in [0, 10000], got {wait!r}")
     max_len, chunk = settings["max_len"], settings["prefill_chunk"]
     if max_len > context_length:
         raise InputError(f"{name('max_len')} {max_len} exceeds the model's context of {context_length} tokens")
@@ -504,15 +512,18 @@ class Engine:
     """Continuous batching of ``slots`` requests at a time over a model (``from_pretrained``), each request
     using at most ``max_len`` positions (prompt + max_tokens). ``max_waiting``: requests that may wait for a
     slot (``submit`` raises QueueFull past it). ``prefix_caching``: reuse rows' keys and values for prompts that
-    begin with their tokens. ``start()`` compiles every shape and starts the thread."""
+    begin with their tokens. ``batch_wait_ms``: how long an idle engine lets a first request wait for others
+    (``_gather_burst``). ``start()`` compiles every shape and starts the thread."""
 
     def __init__(self, model, *, slots: int = 16, max_len: int = 2048, prefill_chunk: int = 512,
-                 max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None, prefix_caching: bool = True):
+                 max_waiting: int = 256, eos_token_ids: Sequence[int] | None = None, prefix_caching: bool = True,
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS):
         cfg = model.config
         check_settings(cfg.context_length, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk,
-                       max_waiting=max_waiting)
+                       max_waiting=max_waiting, batch_wait_ms=batch_wait_ms)
         self.model, self.config = model, cfg
         self.slots, self.max_len, self.chunk, self.max_waiting = slots, max_len, prefill_chunk, max_waiting
+        self.batch_wait = batch_wait_ms / 1000
         eos = default_eos_token_ids(model) if eos_token_ids is None else tuple(eos_token_ids)
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
         if len(self.eos_token_ids) > MAX_EOS:
@@ -800,6 +811,8 @@ class Engine:
             while (not self._stopping and not self._waiting and not self._aborted and self.running == 0
                    and not self._pending):
                 self._lock.wait()
+            if self.batch_wait and self._waiting and self.running == 0 and not self._pending:
+                self._gather_burst()
             if self._stopping:
                 return False
             aborted, self._aborted = self._aborted, set()
@@ -830,6 +843,17 @@ class Engine:
         while len(self._pending) > (1 if dispatched else 0):
             self._read(*self._pending.popleft())
         return True
+
+    def _gather_burst(self) -> None:
+        """Idle, with a request just in: waits (the lock released) up to ``batch_wait`` for more, until the waiting
+        prompts fill a prefill call or every slot. Clients of a burst arrive a few milliseconds apart; prefilled as
+        they come, the first one or two went in a call of their own (a 128-token call costs about half a 512-token
+        one on XLA:CPU), and the waves after, finishing together, kept the split (docs/serving.md)."""
+        deadline = time.perf_counter() + self.batch_wait
+        while (not self._stopping and not self._aborted and len(self._waiting) < self.slots
+               and sum(len(r.prompt) for r in self._waiting) < self.chunk
+               and (left := deadline - time.perf_counter()) > 0):
+            self._lock.wait(left)
 
     def _look_up(self, job: _Prefill) -> _Prefill:
         """Before a job's first prefill call: the longest head of its prompt that a row holds, copied into its row

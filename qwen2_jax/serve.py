@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 
+from .engine import DEFAULT_BATCH_WAIT_MS
 from .errors import InputError
 
 DEFAULT_MAX_LEN = 2048
@@ -437,6 +438,9 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens per prefill call, between two decode steps: whole prompts packed "
                              "together, a longer one in pieces of this size; a power of two that divides --max-len "
                              "or is at least it (default 512)")
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                        help="an idle server lets a request that comes in wait this long for others, so that a burst "
+                             f"is prefilled in full packed calls (default {DEFAULT_BATCH_WAIT_MS:g}; 0: never waits)")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests that may wait for a slot; past it the server answers 503 (default 256)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
@@ -467,7 +471,7 @@ def run(name: str, args) -> int:
         raise InputError(f"--port must be in [0, 65535], got {args.port}")
     cfg = Qwen2MoeConfig.from_json(args.checkpoint)
     check_settings(cfg.context_length, flags=True, slots=args.slots, max_len=args.max_len,
-                   prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting)
+                   prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, batch_wait_ms=args.batch_wait_ms)
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args, args.checkpoint, cfg)
     eos = [*(model.generation_config.eos_token_id if model.generation_config else ()), *cfg.eos_token_id]
@@ -476,7 +480,7 @@ def run(name: str, args) -> int:
     start = time.perf_counter()
     engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                     max_waiting=args.max_waiting, eos_token_ids=tuple(dict.fromkeys(eos)),
-                    prefix_caching=args.prefix_caching)
+                    prefix_caching=args.prefix_caching, batch_wait_ms=args.batch_wait_ms)
     engine.start()
     pieces = f", pieces of {', '.join(map(str, engine.piece_sizes))}" if engine.piece_sizes else ""
     print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and prefills of "

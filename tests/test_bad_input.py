@@ -234,6 +234,8 @@ def test_a_bad_generate_flag_is_refused_in_one_line_naming_it(checkpoint, capsys
     (["--max-len", "96", "--prefill-chunk", "64"],
      "--prefill-chunk 64 must be a power of two that divides --max-len 96"),
     (["--max-waiting", "-1"], "--max-waiting must be an integer >= 0, got -1"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms must be a number of milliseconds in [0, 10000], got -1.0"),
+    (["--batch-wait-ms", "nan"], "--batch-wait-ms must be a number of milliseconds in [0, 10000], got nan"),
     (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
 ])
 def test_a_bad_serve_flag_is_refused_in_one_line_before_the_model_loads(checkpoint, capsys, argv, message):

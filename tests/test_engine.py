@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -76,6 +77,33 @@ def test_waiting_prompts_are_prefilled_together_in_one_packed_call(model):
         engine.stop()
     assert engine.prefills == 1
     assert [tokens for tokens, _ in results] == generate(model, prompts, max_new_tokens=12, eos_token_ids=())
+
+
+@pytest.mark.parametrize("wait_ms, calls", [(1500, 1), (0, 2)])
+def test_an_idle_engine_lets_a_request_wait_for_the_rest_of_its_burst_to_share_a_packed_call(model, wait_ms, calls):
+    """A request that comes to an idle engine waits up to ``batch_wait_ms`` for others; those that come meanwhile
+    go in its packed prefill. With no wait the first one is prefilled alone, at once."""
+    engine = Engine(model, slots=8, max_len=128, prefill_chunk=128, eos_token_ids=(), batch_wait_ms=wait_ms).start()
+    prompts = prompts_of([5, 9, 7], seed=4)
+    try:
+        first = engine.submit(Request(prompts[0], SamplingParams(max_tokens=4)))
+        time.sleep(0.3)  # the rest of the burst, later than a loop takes to start a prefill
+        rest = [engine.submit(Request(p, SamplingParams(max_tokens=4))) for p in prompts[1:]]
+        results = [r.result(timeout=300) for r in (first, *rest)]
+    finally:
+        engine.stop()
+    assert engine.prefills == calls
+    assert [tokens for tokens, _ in results] == generate(model, prompts, max_new_tokens=4, eos_token_ids=())
+
+
+def test_the_wait_for_a_burst_ends_once_the_waiting_prompts_fill_a_prefill_call(model):
+    engine = Engine(model, slots=8, max_len=128, prefill_chunk=64, eos_token_ids=(), batch_wait_ms=10_000).start()
+    try:
+        requests = [engine.submit(Request(p, SamplingParams(max_tokens=2))) for p in prompts_of([40, 24], seed=5)]
+        assert [len(r.result(timeout=8)[0]) for r in requests] == [2, 2]  # 64 tokens: no 10 s wait
+    finally:
+        engine.stop()
+    assert engine.prefills == 1
 
 
 def test_nothing_compiles_after_start_up_under_a_mixed_load(engine):
