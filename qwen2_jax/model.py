@@ -172,8 +172,8 @@ class Experts(nnx.Module):
     each expert ``[out, in]``. Every dispatch of ``moe`` reads them in place on GPU and TPU
     (docs/accelerators.md); gate and up are one product per expert, a weight of ``2I`` rows (a batch-16 decode step
     of the quarter config on XLA:CPU 0.94x the time of two products, v5p-8's batch-64 step 0.95x the bytes,
-    docs/performance.md). On XLA:CPU an expert's few rows are multiplied weight first (``matmul.product``). Quantized, each has its scales beside it
-    (``gate_up_proj_scale [E, 2, I, blocks]``, ...)."""
+    docs/performance.md). On XLA:CPU an expert's few rows are multiplied weight first (``matmul.product``).
+    Quantized, each has its scales beside it (``gate_up_proj_scale [E, 2, I, blocks]``, ...)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, param_dtype, rngs, quant=None):
         self.gate_up_proj, self.gate_up_proj_scale = _param(rngs, (num_experts, 2, intermediate, hidden), param_dtype,
@@ -184,10 +184,10 @@ class Experts(nnx.Module):
     def operands(self):
         """(gate_up_proj, down_proj) as the dispatch reads them: arrays in the compute dtype, or ``QArray``s."""
         out = []
-        for name, axis in (("gate_up_proj", 3), ("down_proj", 2)):
+        for name in ("gate_up_proj", "down_proj"):
             scale = getattr(self, name + "_scale")
             w = getattr(self, name)[...]
-            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], axis))
+            out.append(w.astype(self.dtype) if scale is None else operand(w, scale[...], w.ndim - 1))  # inputs last
         return out
 
     def __call__(self, x, weights, experts, impl: str | Callable = "auto", platform: str | None = None,

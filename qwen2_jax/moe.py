@@ -223,11 +223,7 @@ def grouped(x, weights, experts, gate_up_proj, down_proj, platform: str | None =
     step = step or group_step(block)
     if block % step:
         raise ValueError(f"grouped: step {step} does not divide block {block}")
-    flat = experts.reshape(-1)
-    skipped = (flat < 0) | (flat >= num_experts)  # out-of-range ids (other shards): contribute nothing
-    flat = jnp.where(skipped, num_experts, flat)
-    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, skipped ones last
-    sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts]
+    flat, skipped, order, sizes = _sorted_pairs(experts, num_experts)
     blocks = -(-sizes // block)  # per expert
     ends = jnp.cumsum(blocks)
     starts = ends - blocks
@@ -259,6 +255,17 @@ def grouped(x, weights, experts, gate_up_proj, down_proj, platform: str | None =
     ys = jax.lax.fori_loop(0, ends[-1], body, xs).reshape(-1, hidden)  # blocks past ends[-1] are never read
     out = jnp.take(ys, slot, axis=0, mode="fill", fill_value=0).reshape(num_tokens, top_k, hidden)
     return jnp.einsum("tkh,tk->th", out, weights)
+
+
+def _sorted_pairs(experts, num_experts):
+    """The (token, expert) pairs of ``experts [T, K]``, flattened, sorted by expert: ``(ids, skipped, order,
+    sizes)``, each pair's expert id (``num_experts`` for an id out of range: another shard's expert, which
+    contributes nothing), whether it is skipped so, the stable order that groups the pairs by id (skipped ones
+    last), and each expert's pair count."""
+    flat = experts.reshape(-1)
+    skipped = (flat < 0) | (flat >= num_experts)
+    ids = jnp.where(skipped, num_experts, flat)
+    return ids, skipped, jnp.argsort(ids, stable=True), jnp.bincount(ids, length=num_experts + 1)[:num_experts]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -308,12 +315,9 @@ def ragged(x, weights, experts, gate_up_proj, down_proj, platform: str | None = 
     ``interpret``: run the TPU kernel in Pallas' interpreter (a check on the CPU)."""
     num_tokens, top_k = experts.shape
     num_experts = gate_up_proj.shape[0]
-    flat = experts.reshape(-1)
-    skipped = (flat < 0) | (flat >= num_experts)  # other shards' pairs: sorted last, outside every group
-    order = jnp.argsort(jnp.where(skipped, num_experts, flat), stable=True)
+    _, _, order, group_sizes = _sorted_pairs(experts, num_experts)  # other shards' pairs: last, in no group
     token_of = order // top_k
     xs = jnp.take(x, token_of, axis=0)  # [T*K, H], grouped by expert
-    group_sizes = jnp.bincount(jnp.where(skipped, num_experts, flat), length=num_experts + 1)[:num_experts]
     group_sizes = group_sizes.astype(jnp.int32)
     mm = lambda a, w: grouped_product(a, w, group_sizes, x.dtype, platform, interpret)
     h = _gated(mm(xs, _merged(gate_up_proj)))

@@ -5,9 +5,9 @@ q_proj.weight`` is ``("model", "layers", "i", "self_attn", "q_proj", "weight")``
 experts of a layer are stacked as transformers (5) holds them at run time: ``gate_up_proj`` from the 64 experts'
 ``gate_proj`` and ``up_proj`` tensors, ``[experts, 2, out, in]`` (HF's ``[experts, 2 * out, in]``, the same bytes,
 with gate and up on an axis of their own so that a tensor-parallel split of ``out`` keeps each device's gate and
-up rows together), and ``down_proj``, ``[experts, out, in]``. Each row says which HF
-tensor(s) fill it and its logical axes, which ``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding rules all
-read this table.
+up rows together), and ``down_proj``, ``[experts, out, in]``. Each row says which HF tensor(s) fill it and its
+logical axes, which ``qwen2_jax.sharding`` maps onto a device mesh. The loader, the Orbax converter and the sharding
+rules all read this table.
 """
 
 from __future__ import annotations
