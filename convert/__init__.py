@@ -7,7 +7,22 @@
 - ``write_hf_checkpoint(cfg, directory, ...)``: synthetic or exported HF checkpoints without torch.
 """
 
-from .converter import ConvertError, convert, restore_params
-from .hf_writer import write_hf_checkpoint
 
-__all__ = ["ConvertError", "convert", "restore_params", "write_hf_checkpoint"]
+import importlib
+
+# Imported on first use: the converter brings in Orbax and TensorStore, which loading an HF directory or
+# recognising a converted one (``layout``) does not need.
+_EXPORTS = {"ConvertError": "converter", "convert": "converter", "restore_params": "converter",
+            "write_hf_checkpoint": "hf_writer"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -26,18 +26,17 @@ import ml_dtypes
 import numpy as np
 
 import qwen2_jax
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.errors import InputError, Qwen2JaxError
-from qwen2_jax.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
-from qwen2_jax.loading import ORBAX_PARAMS
-from qwen2_jax.params import (LAYOUT_VERSION, check_tensors, hf_names, iter_params, lookup, nest, param_dtype,
+from qwen2_jax.model.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
+from qwen2_jax.model.params import (LAYOUT_VERSION, check_tensors, hf_names, iter_params, lookup, nest, param_dtype,
                               read_block)
-from qwen2_jax.quant import QuantConfig
+from qwen2_jax.model.quant import QuantConfig
 
 from . import orbax_io
+from .layout import METADATA_FILE, ORBAX_PARAMS
 
 OUTPUT_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-METADATA_FILE = "qwen2_jax.json"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
@@ -55,7 +54,7 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
     ``force``: replace an existing ``out_dir`` (only once the new one is complete).
     ``progress``: a progress bar on stderr (tensors and bytes); None shows it when stderr is a terminal.
     ``quantize``: "int8", "fp8" or "int8:BLOCK" (a ``QuantConfig``): weight-only quantization of the
-    projections as the blocks stream (``qwen2_jax.quant``); config.json records it as its quantization_config.
+    projections as the blocks stream (``qwen2_jax.model.quant``); config.json records it as its quantization_config.
     Only about one block of weights (``orbax_io.BLOCK_BYTES``, a few times over) is in memory at once.
     """
     start = time.perf_counter()

@@ -16,9 +16,9 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.errors import InputError
-from qwen2_jax.params import hf_names, hf_shape, lookup, param_table
+from qwen2_jax.model.params import hf_names, hf_shape, lookup, param_table
 
 _CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

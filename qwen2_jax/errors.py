@@ -6,10 +6,10 @@ other exception is a bug and keeps its traceback (``QWEN2_JAX_DEBUG=1`` shows th
 They subclass ``ValueError``, which is what the project raised before they existed.
 
 - ``InputError``: a bad argument or flag value (here).
-- ``ConfigError`` (``qwen2_jax.config``): a config.json this port cannot run exactly.
-- ``CheckpointError`` (``qwen2_jax.hf_files``): a checkpoint that cannot be loaded.
+- ``ConfigError`` (``qwen2_jax.model.config``): a config.json this port cannot run exactly.
+- ``CheckpointError`` (``qwen2_jax.model.hf_files``): a checkpoint that cannot be loaded.
 - ``ConvertError`` (``qwen2_jax.convert``): a conversion that cannot write its output.
-- ``AotError`` (``qwen2_jax.aot``): a target or step ``qwen2-jax aot`` cannot compile.
+- ``AotError`` (``qwen2_jax.tools.aot``): a target or step ``qwen2-jax aot`` cannot compile.
 """
 
 

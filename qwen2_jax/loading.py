@@ -8,16 +8,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from .config import Qwen2MoeConfig
-from .errors import InputError, Qwen2JaxError
-from .generate import GenerationConfig
-from .hf_files import CheckpointError
-from .model import Qwen2MoeForCausalLM, abstract_model
-from .params import load_hf, quantize_tree
-from .quant import QuantConfig
+from qwen2_jax.convert.layout import is_orbax_checkpoint
+from qwen2_jax.errors import InputError, Qwen2JaxError
+from qwen2_jax.model.config import Qwen2MoeConfig
+from qwen2_jax.model.generation_config import GenerationConfig
+from qwen2_jax.model.hf_files import CheckpointError
+from qwen2_jax.model.modeling import Qwen2MoeForCausalLM, abstract_model
+from qwen2_jax.model.params import load_hf, quantize_tree
+from qwen2_jax.model.quant import QuantConfig
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-ORBAX_PARAMS = "params"  # the Orbax checkpoint's sub-directory inside a converted directory
 
 
 def resolve_dtype(dtype):
@@ -47,10 +47,6 @@ def read_generation_config(path) -> GenerationConfig | None:
         raise CheckpointError(text if text.startswith(file) else f"{file}: not a valid generation config ({text})") from None
 
 
-def is_orbax_checkpoint(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, ORBAX_PARAMS))
-
-
 def from_pretrained(path, *, dtype="bfloat16", mesh=None, quantize=None) -> Qwen2MoeForCausalLM:
     """Loads a model from an HF directory (safetensors, single or sharded) or a converted Orbax directory.
 
@@ -76,11 +72,11 @@ def from_pretrained(path, *, dtype="bfloat16", mesh=None, quantize=None) -> Qwen
         cfg = cfg.replace(quantization=quant)
     shardings = None
     if mesh is not None:
-        from .sharding import param_shardings
+        from qwen2_jax.sharding import param_shardings
 
         shardings = param_shardings(cfg, mesh)
     if is_orbax_checkpoint(path):
-        from .convert import restore_params
+        from qwen2_jax.convert import restore_params
 
         # A float checkpoint asked to quantize: restored in float, then each weight quantized on its devices.
         stored = cfg.replace(quantization=None) if quant is not None else cfg

@@ -1,5 +1,5 @@
 """A decode step's attention over a long cache on this machine: one pass over every slot, against a loop over the
-filled blocks only (what ``qwen2_jax.attention`` chooses between; docs/long-context.md).
+filled blocks only (what ``qwen2_jax.model.attention`` chooses between; docs/long-context.md).
 
     python scripts/bench_attention.py                                   # quarter-config heads, 32K slots
     python scripts/bench_attention.py --slots 4096 --filled 512,3000 --repeats 2     # seconds (the tests)
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwen2_jax.attention import attention  # noqa: E402
+from qwen2_jax.model.attention import attention  # noqa: E402
 
 
 def main():

@@ -79,11 +79,11 @@ def main() -> int:
         baseline()
         return 0
 
-    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model.config import Qwen2MoeConfig
     from qwen2_jax.convert import write_hf_checkpoint
 
     if args.tiny:
-        from qwen2_jax.bench import bench_config
+        from qwen2_jax.tools.bench import bench_config
 
         base_cfg, args.config, args.layers = bench_config("tiny"), "tiny", (1, 4)
     else:

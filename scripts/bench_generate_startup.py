@@ -26,7 +26,7 @@ def main():
     parser.add_argument("checkpoint", nargs="?", help="checkpoint directory (not with --tiny)")
     parser.add_argument("--tiny", action="store_true",
                         help="build the demo's small random-weight checkpoint with the real tokenizer "
-                             "(qwen2_jax.demo.build) in a temporary directory and generate 4 tokens from it")
+                             "(qwen2_jax.tools.demo.build) in a temporary directory and generate 4 tokens from it")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--prompt", default="Give me a short introduction to large language models.")
     argv = sys.argv[1:]
@@ -40,7 +40,7 @@ def main():
     try:
         checkpoint = args.checkpoint
         if args.tiny:
-            from qwen2_jax.demo import build
+            from qwen2_jax.tools.demo import build
 
             checkpoint = build(os.path.join(work, "tiny-checkpoint"))
             extra = ["--max-new-tokens", "4", *extra]

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2_jax import moe, views
-from qwen2_jax.bench import bench_config
+from qwen2_jax.model import moe, views
+from qwen2_jax.tools.bench import bench_config
 
 QUARTER = "qwen2-57b-a14b-quarter"  # embedded; a path to a config.json works too
 

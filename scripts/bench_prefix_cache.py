@@ -7,7 +7,7 @@ document's first request.
         [--new 32] [--repeats 3] [--max-len 2048] [--prefill-chunk 512]
     python scripts/bench_prefix_cache.py --config tiny --context 48 --new 8 --answer 4 --repeats 1 --max-len 128
 
-One ``qwen2_jax.engine.Engine`` (float32, the config's random checkpoint, seed 0, 2 slots). Each repeat, with the
+One ``qwen2_jax.inference.serving.engine.Engine`` (float32, the config's random checkpoint, seed 0, 2 slots). Each repeat, with the
 engine otherwise idle: a first turn of ``--context`` random prompt tokens answered with ``--answer`` tokens
 (greedy); the next turn, that prompt and answer followed by ``--new`` tokens, timed from submission to its first
 token; the same again with another request of ``--context`` tokens (one token asked for) between the two turns,
@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qwen2_jax  # noqa: E402
-from qwen2_jax.bench import QUARTER, bench_config, random_checkpoint  # noqa: E402
-from qwen2_jax.engine import Engine, Request, SamplingParams, check_settings  # noqa: E402
+from qwen2_jax.tools.bench import QUARTER, bench_config, random_checkpoint  # noqa: E402
+from qwen2_jax.inference.serving.engine import Engine, Request, SamplingParams, check_settings  # noqa: E402
 from qwen2_jax.errors import InputError  # noqa: E402
 
 

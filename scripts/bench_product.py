@@ -1,4 +1,4 @@
-"""A few rows times a weight on XLA:CPU, weight first or weight last (``qwen2_jax.matmul.product``), for each
+"""A few rows times a weight on XLA:CPU, weight first or weight last (``qwen2_jax.model.matmul.product``), for each
 kind of Linear weight of a config: what ``matmul.WEIGHT_FIRST_MAX_ROWS`` is set from (docs/performance.md).
 
     python scripts/bench_product.py                                       # quarter config, 1 to 512 rows
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2_jax.bench import QUARTER, bench_config
-from qwen2_jax.matmul import WEIGHT_FIRST_MAX_ROWS, product
+from qwen2_jax.tools.bench import QUARTER, bench_config
+from qwen2_jax.model.matmul import WEIGHT_FIRST_MAX_ROWS, product
 
 
 def weights(cfg) -> dict[str, tuple[tuple[int, int], int]]:

@@ -40,8 +40,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from qwen2_jax.bench import QUARTER, bench_config, random_checkpoint  # noqa: E402
-from qwen2_jax.tokenizer import build_qwen2_tokenizer_files, load_tokenizer  # noqa: E402
+from qwen2_jax.tools.bench import QUARTER, bench_config, random_checkpoint  # noqa: E402
+from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files, load_tokenizer  # noqa: E402
 
 STATS = ("mean", "p50", "p90", "p99")
 

@@ -8,7 +8,7 @@ everything is lowered on abstract arguments.
     python scripts/compile_time.py --config tiny --layers 1,2     # a few seconds (what the tests run)
 
 ``--decode``: one token against a 256-slot cache, the experts given as per-expert arrays as generation gives
-them on XLA:CPU (``qwen2_jax.views``).
+them on XLA:CPU (``qwen2_jax.model.views``).
 """
 
 import argparse
@@ -22,9 +22,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qwen2_jax.bench import bench_config  # noqa: E402
-from qwen2_jax.cache import KVCache  # noqa: E402
-from qwen2_jax.model import abstract_model  # noqa: E402
+from qwen2_jax.tools.bench import bench_config  # noqa: E402
+from qwen2_jax.model.cache import KVCache  # noqa: E402
+from qwen2_jax.model.modeling import abstract_model  # noqa: E402
 
 
 def compile_seconds(cfg, batch: int, seq: int, dtype, decode: bool) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2_jax import training
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.errors import Qwen2JaxError
 from qwen2_jax.model import init_random
 

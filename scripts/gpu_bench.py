@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 def config(args, layers=None):
     sys.path.insert(0, ROOT)
-    from qwen2_jax.bench import bench_config
+    from qwen2_jax.tools.bench import bench_config
 
     return bench_config("tiny" if args.tiny else FULL, layers)
 
@@ -91,8 +91,9 @@ def measure_jax(args, cfg, label, deadline, results, with_ttft=True, with_engine
     import jax.numpy as jnp
     from flax import nnx
 
-    from qwen2_jax import generate, init_random
-    from qwen2_jax.bench import decode_step_bytes
+    from qwen2_jax import init_random
+    from qwen2_jax.inference import generate
+    from qwen2_jax.tools.bench import decode_step_bytes
 
     out = {"label": label, "layers": cfg.num_hidden_layers, "decode": {}, "skipped": []}
     results.append(out)
@@ -165,7 +166,7 @@ def measure_engine(args, model, cfg):
     """The serving engine with ``--serve-slots`` requests submitted at once (greedy, no end token, twice
     ``--new-tokens`` each): decode tokens/s over the window in which every slot is busy (from the last first
     token to the first finish), start-up and time to first token."""
-    from qwen2_jax.engine import Engine, Request, SamplingParams
+    from qwen2_jax.inference.serving.engine import Engine, Request, SamplingParams
 
     slots, new = args.serve_slots, 2 * args.new_tokens
     max_len = 1 << (args.prompt_len + new - 1).bit_length()

@@ -23,7 +23,7 @@ NEW_TOKENS = 8
 
 
 def tiny_config():
-    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model.config import Qwen2MoeConfig
 
     return Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
                           shared_expert_intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -34,7 +34,7 @@ def tiny_config():
 def random_params(cfg, seed: int = 1) -> dict:
     """Random weights in this port's layout (normal, std 0.02; norms near one); the router is drawn with std 1
     so that routing is decisive (rounding noise never flips an expert choice)."""
-    from qwen2_jax.params import iter_params
+    from qwen2_jax.model.params import iter_params
 
     rng = np.random.default_rng(seed)
     tree: dict = {}
@@ -80,7 +80,7 @@ def run(args) -> None:
     from jax.experimental import multihost_utils
 
     from qwen2_jax import sharding
-    from qwen2_jax.generate import generate
+    from qwen2_jax.inference.generate import generate
     from qwen2_jax.loading import from_pretrained
 
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def meshes(specs: list[str]) -> int:
     from flax import nnx
 
     from qwen2_jax import sharding
-    from qwen2_jax.generate import generate
+    from qwen2_jax.inference.generate import generate
     from qwen2_jax.loading import from_pretrained
 
     ids = np.zeros((len(PROMPTS), max(map(len, PROMPTS))), np.int32)

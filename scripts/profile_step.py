@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen2_jax.cache import KVCache
-from qwen2_jax.bench import bench_config
-from qwen2_jax.views import expert_views
+from qwen2_jax.model.cache import KVCache
+from qwen2_jax.tools.bench import bench_config
+from qwen2_jax.model.views import expert_views
 from qwen2_jax.model import init_random
 
 

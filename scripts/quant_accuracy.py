@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen2_jax
-from qwen2_jax.bench import bench_config
-from qwen2_jax.model import rope_cos_sin
+from qwen2_jax.tools.bench import bench_config
+from qwen2_jax.model.modeling import rope_cos_sin
 
 TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure "
         "in Paris. Its base is square, measuring 125 metres on each side. During its construction, the Eiffel "
@@ -34,7 +34,7 @@ def token_ids(vocab_size: int, length: int) -> np.ndarray:
     """The fixed text's Qwen tokens (repeated to ``length``); for a small vocabulary, the ids modulo it."""
     import tempfile
 
-    from qwen2_jax.tokenizer import build_qwen2_tokenizer_files
+    from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files
 
     with tempfile.TemporaryDirectory() as d:
         build_qwen2_tokenizer_files(d)

@@ -7,7 +7,7 @@ for every parameter and cache array (``rules.RULES``, one table), and expert-par
 See docs/sharding.md for the recommended meshes and their memory and communication arithmetic.
 """
 
-from .expert_parallel import expert_parallel_moe, shard_map
+from qwen2_jax.model.expert_parallel import expert_parallel_moe, shard_map
 from .mesh import AXES, add_mesh_argument, default_sizes, describe_mesh, make_mesh, mesh_from_args, parse_spec
 from .rules import (RULES, batch_sharding, cache_shardings, check_batch, check_experts, logical_spec,
                     param_shardings, per_device_bytes, replicated, shard_model, to_host)

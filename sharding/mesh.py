@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.errors import InputError
 
 AXES = ("data", "expert", "tensor")

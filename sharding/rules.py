@@ -1,6 +1,6 @@
 """Partition rules: every parameter and cache array, from its logical axes to the mesh, in one table.
 
-Parameters carry logical axes in ``qwen2_jax.params.param_table`` (e.g. ``("experts", "moe_mlp", "embed")``);
+Parameters carry logical axes in ``qwen2_jax.model.params.param_table`` (e.g. ``("experts", "moe_mlp", "embed")``);
 ``RULES`` maps each logical axis to a mesh axis. A dimension whose units (heads for the head
 axes, elements otherwise) do not divide by its mesh axis is replicated instead, except the experts, which
 must divide: an expert split in two would need a different dispatch.
@@ -13,10 +13,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2_jax.cache import KVCache
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.cache import KVCache
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.errors import InputError
-from qwen2_jax.params import lookup, nest, param_shape, param_table
+from qwen2_jax.model.params import lookup, nest, param_shape, param_table
 
 # logical axis -> mesh axis (None: replicated).
 RULES: dict[str | None, str | None] = {

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from qwen2_jax import aot
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.tools import aot
+from qwen2_jax.model.config import Qwen2MoeConfig
 
 TINY = Qwen2MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                       shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -130,7 +130,7 @@ def test_an_engine_step_and_a_prompt_length_that_do_not_go_together_are_refused_
 def test_the_roofline_counts_the_experts_a_batch_can_touch_and_the_whole_kv_cache():
     import jax
 
-    from qwen2_jax.params import iter_params
+    from qwen2_jax.model.params import iter_params
 
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {p.path: single for p, _ in iter_params(TINY)}

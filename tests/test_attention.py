@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen2_jax.attention import attention
+from qwen2_jax.model.attention import attention
 
 
 def _reference(q, k, v, valid, start):

@@ -16,15 +16,16 @@ import sys
 import pytest
 
 import qwen2_jax
-from qwen2_jax import cli, cli_generate, training
-from qwen2_jax.aot import AotError
-from qwen2_jax.config import ConfigError, Qwen2MoeConfig
+from qwen2_jax import cli, training
+from qwen2_jax.cli import generate as cli_generate
+from qwen2_jax.tools.aot import AotError
+from qwen2_jax.model.config import ConfigError, Qwen2MoeConfig
 from qwen2_jax.convert import ConvertError, convert, write_hf_checkpoint
 from qwen2_jax.errors import InputError, Qwen2JaxError
-from qwen2_jax.hf_files import CheckpointError
-from qwen2_jax.sampling import check_sampling_args
+from qwen2_jax.model.hf_files import CheckpointError
+from qwen2_jax.inference.sampling import check_sampling_args
 from qwen2_jax.sharding import make_mesh, parse_spec
-from qwen2_jax.tokenizer import build_qwen2_tokenizer_files
+from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files
 
 # The real vocabulary (the real tokenizer's ids fit), everything else tiny; a short context.
 CONFIG = Qwen2MoeConfig(

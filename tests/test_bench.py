@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from qwen2_jax import cli
-from qwen2_jax.bench import bench_config, decode_step_bytes, expected_distinct_experts
+from qwen2_jax.tools.bench import bench_config, decode_step_bytes, expected_distinct_experts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--config", "tiny", "--layers", "1", "--new-tokens", "2", "--prompt-len", "8", "--prefill-len", "16",

@@ -11,11 +11,13 @@ import sys
 import pytest
 
 import qwen2_jax
-from qwen2_jax import cli, cli_generate, demo
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax import cli
+from qwen2_jax.cli import generate as cli_generate
+from qwen2_jax.tools import demo
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.convert import write_hf_checkpoint
-from qwen2_jax.generate import GenerationConfig
-from qwen2_jax.tokenizer import build_qwen2_tokenizer_files, load_tokenizer
+from qwen2_jax.inference.generate import GenerationConfig
+from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files, load_tokenizer
 
 # The real vocabulary (so the real tokenizer's ids fit), everything else tiny; a short context for the
 # too-long-prompt checks.
@@ -182,7 +184,7 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(checkpoint, capsys, monke
 def test_demo_builds_its_checkpoint_once_and_says_the_weights_are_random(tokenizer_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("QWEN2_JAX_HOME", str(tmp_path))
     # the real tokenizer build (tested in test_tokenizer.py) takes ~10 s: reuse this module's copy
-    tokenizer = importlib.import_module("qwen2_jax.tokenizer")
+    tokenizer = importlib.import_module("qwen2_jax.inference.tokenizer")
     monkeypatch.setattr(tokenizer, "build_qwen2_tokenizer_files",
                         lambda out: shutil.copytree(tokenizer_dir, out, dirs_exist_ok=True))
     stale = tmp_path / "demo" / ".build-999999999-x"  # left by a killed build (no such process)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qwen2_jax.config import ConfigError, Qwen2MoeConfig
+from qwen2_jax.model.config import ConfigError, Qwen2MoeConfig
 
 REAL_4X = {
     "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",

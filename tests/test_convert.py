@@ -23,10 +23,10 @@ from safetensors.numpy import load_file, save_file
 import qwen2_jax
 import qwen2_jax.cli
 from hf_reference import TINY, make_hf_model, save_hf
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.convert import convert, restore_params, write_hf_checkpoint
-from qwen2_jax.hf_files import CheckpointError
-from qwen2_jax.params import iter_params, load_hf, lookup, nest
+from qwen2_jax.model.hf_files import CheckpointError
+from qwen2_jax.model.params import iter_params, load_hf, lookup, nest
 
 IDS = np.array([[3, 17, 99, 4, 56, 120, 7, 1], [8, 8, 2, 77, 31, 5, 64, 90]])
 TINY_CFG = Qwen2MoeConfig.from_dict({"model_type": "qwen2_moe", **TINY})
@@ -126,9 +126,9 @@ def test_restore_splits_arrays_over_devices_each_holding_its_own_slice(converted
     script = f"""
 import jax, numpy as np, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.convert import restore_params
-from qwen2_jax.params import iter_params, load_hf, lookup
+from qwen2_jax.model.params import iter_params, load_hf, lookup
 cfg = Qwen2MoeConfig.from_json({str(converted)!r})
 mesh = jax.make_mesh((2, 2), ("a", "b"))
 def spec(p, shape):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import qwen2_jax
-from qwen2_jax.bench import bench_config
+from qwen2_jax.tools.bench import bench_config
 from qwen2_jax.convert import write_hf_checkpoint
-from qwen2_jax.engine import Engine, QueueFull, Request, SamplingParams
+from qwen2_jax.inference.serving.engine import Engine, QueueFull, Request, SamplingParams
 from qwen2_jax.errors import InputError
-from qwen2_jax.generate import generate
+from qwen2_jax.inference.generate import generate
 
-engine_module = importlib.import_module("qwen2_jax.engine")
+engine_module = importlib.import_module("qwen2_jax.inference.serving.engine")
 MAX_LEN, CHUNK = 256, 64  # prefill buckets 16, 32, 64; prompts past 64 tokens go in pieces
 
 
@@ -327,7 +327,7 @@ def test_the_engine_on_a_device_mesh_gives_the_tokens_of_one_device(checkpoint):
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
         import qwen2_jax
-        from qwen2_jax.engine import Engine, Request, SamplingParams
+        from qwen2_jax.inference.serving.engine import Engine, Request, SamplingParams
         from qwen2_jax.sharding import make_mesh
         prompts = [[5, 9, 200, 3], list(range(1, 40)), [7] * 20, [300]]
         out = []

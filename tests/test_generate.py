@@ -14,9 +14,9 @@ from hf_reference import make_hf_model, save_hf
 
 import qwen2_jax
 from qwen2_jax.errors import InputError
-from qwen2_jax.generate import GenerationConfig, generate, generate_stream
+from qwen2_jax.inference.generate import GenerationConfig, generate, generate_stream
 
-gen = importlib.import_module("qwen2_jax.generate")  # the module (qwen2_jax.generate is the function)
+gen = importlib.import_module("qwen2_jax.inference.generate")
 
 SHARED_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "qwen2_jax", "configs")  # embedded copies of shared/configs
 
@@ -293,7 +293,7 @@ def test_generation_under_a_device_mesh_gives_the_same_tokens(models, tmp_path):
         alone = qwen2_jax.from_pretrained({str(path)!r}, dtype="float32")
         sharded = qwen2_jax.from_pretrained({str(path)!r}, dtype="float32", mesh=make_mesh("data=2,expert=2"))
         import importlib
-        gen = importlib.import_module("qwen2_jax.generate")
+        gen = importlib.import_module("qwen2_jax.inference.generate")
         batch = gen._prepare(sharded, prompts, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0,
                              eos_token_ids=(), truncate=False, max_new_tokens=12)
         assert not gen._start(batch).cache.k[0].sharding.is_fully_replicated
@@ -308,8 +308,8 @@ def test_a_grown_cache_keeps_its_slots_and_adds_empty_ones():
     import dataclasses
 
     import jax.numpy as jnp
-    from qwen2_jax.cache import KVCache
-    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model.cache import KVCache
+    from qwen2_jax.model.config import Qwen2MoeConfig
 
     cfg = Qwen2MoeConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)
@@ -334,7 +334,7 @@ def test_new_weights_are_used_after_an_update_not_the_cached_expert_views(tmp_pa
     import jax
     from flax import nnx
 
-    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model.config import Qwen2MoeConfig
     from qwen2_jax.model import init_random
 
     cfg = Qwen2MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -343,7 +343,7 @@ def test_new_weights_are_used_after_an_update_not_the_cached_expert_views(tmp_pa
     model, other = init_random(cfg, seed=0), init_random(cfg, seed=1)
     prompt = [[3, 14, 15, 92, 65]]
     first = generate(model, prompt, max_new_tokens=12, eos_token_ids=())
-    from qwen2_jax import views
+    from qwen2_jax.model import views
 
     assert views.expert_views(model) is views.expert_views(model) is not None  # cached for this model
     nnx.update(model, jax.tree.map(lambda a: a.copy(), nnx.state(other)))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from qwen2_jax import hlo_cost
+from qwen2_jax.tools import hlo_cost
 
 # A weight [8, 64, 32] bf16 (32,768 bytes) and rows x [4, 64] bf16 (512 bytes). The entry copies the weight
 # (a weight copy), then a loop of 3 trips multiplies x by one expert's slice [64, 32] (4,096 bytes) read in
@@ -148,7 +148,7 @@ def test_a_matmul_compiled_for_an_h200_reads_its_operands_and_writes_its_result_
     import jax
     import jax.numpy as jnp
 
-    from qwen2_jax import aot
+    from qwen2_jax.tools import aot
 
     device = aot.devices(aot.TARGETS["h200"])[0]
     s = jax.sharding.SingleDeviceSharding(device)

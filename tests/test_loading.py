@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 import qwen2_jax
 from hf_reference import make_hf_model, save_hf
-from qwen2_jax.hf_files import CheckpointError
+from qwen2_jax.model.hf_files import CheckpointError
 
 
 @pytest.fixture(scope="module")

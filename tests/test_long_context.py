@@ -11,7 +11,7 @@ import pytest
 
 import qwen2_jax
 from hf_reference import make_hf_model, save_hf
-from qwen2_jax.cache import KVCache
+from qwen2_jax.model.cache import KVCache
 
 N, COMPARED, NEW = 40_000, 8_000, 8  # prompt length, last positions compared, greedy tokens
 YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0, "original_max_position_embeddings": 32768}

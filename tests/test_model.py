@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwen2_jax.cache import KVCache
-from qwen2_jax.config import Qwen2MoeConfig
-from qwen2_jax.matmul import WEIGHT_FIRST_MAX_ROWS, product
-from qwen2_jax.model import RMSNorm, abstract_model, init_random
+from qwen2_jax.model.cache import KVCache
+from qwen2_jax.model.config import Qwen2MoeConfig
+from qwen2_jax.model.matmul import WEIGHT_FIRST_MAX_ROWS, product
+from qwen2_jax.model import init_random
+from qwen2_jax.model.modeling import RMSNorm, abstract_model
 
 TINY = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                       shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -87,7 +88,7 @@ def test_prompts_packed_in_one_row_give_each_its_own_logits_and_keys():
 
 
 def test_random_models_have_unit_norm_scales_and_a_random_lm_head():
-    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model.config import Qwen2MoeConfig
     from qwen2_jax.model import init_random
 
     cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen2_jax import moe
+from qwen2_jax.model import moe
 
 
 def _inputs(tokens, experts=8, top_k=3, hidden=16, inner=8, seed=0, dtype=jnp.float32):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from hf_reference import parity_model
-from qwen2_jax import cli, parity
+from qwen2_jax import cli
+from qwen2_jax.tools import parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPARSE = (False, True, False, True)
@@ -172,7 +173,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_status_2(checkpoint, tmp
 
 def test_the_package_and_the_command_line_parser_import_without_torch():
     code = ("import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
-            "import qwen2_jax, qwen2_jax.parity, qwen2_jax.cli; qwen2_jax.cli.build_parser(); print('ok')")
+            "import qwen2_jax, qwen2_jax.tools.parity, qwen2_jax.cli; qwen2_jax.cli.build_parser(); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

@@ -1,4 +1,4 @@
-"""Weight-only quantization (``qwen2_jax.quant``): what is quantized and how, the error it adds against the
+"""Weight-only quantization (``qwen2_jax.model.quant``): what is quantized and how, the error it adds against the
 float model (bounds from the measurements in docs/quantization.md), per-block scales under outlier columns,
 the converter's round trip, and bad input refused in one line.
 
@@ -21,11 +21,11 @@ from flax import nnx
 
 import qwen2_jax
 from hf_reference import make_hf_model, save_hf
-from qwen2_jax.config import ConfigError, Qwen2MoeConfig
+from qwen2_jax.model.config import ConfigError, Qwen2MoeConfig
 from qwen2_jax.convert import ConvertError, convert
 from qwen2_jax.errors import InputError
-from qwen2_jax.params import param_table
-from qwen2_jax.quant import QArray, QuantConfig, dequantize, einsum, quantize
+from qwen2_jax.model.params import param_table
+from qwen2_jax.model.quant import QArray, QuantConfig, dequantize, einsum, quantize
 
 IDS = np.random.default_rng(5).integers(0, 128, (2, 24))
 

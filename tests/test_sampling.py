@@ -8,8 +8,8 @@ import torch
 from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from qwen2_jax import sampling
-from qwen2_jax.sampling import Sampler
+from qwen2_jax.inference import sampling
+from qwen2_jax.inference.sampling import Sampler
 
 candidates = jax.jit(sampling.candidates, static_argnums=0)
 

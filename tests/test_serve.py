@@ -18,12 +18,12 @@ import pytest
 
 import qwen2_jax
 from qwen2_jax import cli
-from qwen2_jax import engine as engine_module
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.inference.serving import engine as engine_module
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.convert import write_hf_checkpoint
 from qwen2_jax.errors import InputError
-from qwen2_jax.serve import TextStream
-from qwen2_jax.tokenizer import build_qwen2_tokenizer_files, load_tokenizer
+from qwen2_jax.inference.serving.server import TextStream
+from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The real vocabulary (so the real tokenizer's ids fit), everything else tiny.

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.sharding import default_sizes, parse_spec
 
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
@@ -78,9 +78,9 @@ def test_default_mesh_puts_the_shared_head_factor_on_tensor_then_experts_then_da
 # ---- on 8 simulated devices --------------------------------------------------------------------------
 def _random_params(cfg, seed=1) -> dict:
     """Random weights in our layout; the router drawn with std 1 so that routing is decisive."""
-    from qwen2_jax.params import iter_params
+    from qwen2_jax.model.params import iter_params
 
-    from qwen2_jax.params import nest
+    from qwen2_jax.model.params import nest
 
     rng = np.random.default_rng(seed)
     values = []
@@ -138,7 +138,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_device(checkpoints):
     """The unsharded model's logits and greedy tokens."""
-    from qwen2_jax.generate import generate
+    from qwen2_jax.inference.generate import generate
     from qwen2_jax.loading import from_pretrained
 
     model = from_pretrained(checkpoints["hf"], dtype="float32")
@@ -252,7 +252,7 @@ def test_expert_parallel_dispatch_equals_the_single_device_dispatch(spec, impl):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from qwen2_jax import moe
+    from qwen2_jax.model import moe
     from qwen2_jax.sharding import expert_parallel_moe, make_mesh
 
     mesh = make_mesh(spec)
@@ -274,7 +274,7 @@ def test_expert_parallel_dispatch_has_the_single_device_gradients():
     import jax
     import jax.numpy as jnp
 
-    from qwen2_jax import moe
+    from qwen2_jax.model import moe
     from qwen2_jax.sharding import expert_parallel_moe, make_mesh
 
     mesh = make_mesh("data=2,expert=2,tensor=2")
@@ -300,7 +300,7 @@ def test_float32_logits_on_mesh_equal_single_device(spec, single_device, sharded
 @needs_8
 @pytest.mark.parametrize("spec", MESHES)
 def test_greedy_generation_on_mesh_is_token_identical_to_single_device(spec, single_device, sharded_models):
-    from qwen2_jax.generate import generate
+    from qwen2_jax.inference.generate import generate
 
     model, _ = sharded_models(spec)
     assert generate(model, PROMPTS, max_new_tokens=6, eos_token_ids=()) == single_device[1]
@@ -313,7 +313,7 @@ def test_a_quantized_checkpoint_restores_onto_every_mesh_with_the_single_device_
     """Values and scales restored into their shardings (blocks of 4: every blocks axis divides tensor=2 and is
     split with its values), the expert-parallel dispatch reading them in its shard_map."""
     from qwen2_jax.convert import convert
-    from qwen2_jax.generate import generate
+    from qwen2_jax.inference.generate import generate
     from qwen2_jax.loading import from_pretrained
 
     convert(checkpoints["hf"], tmp_path / "q", quantize=quantize, progress=False)
@@ -346,7 +346,7 @@ def compiled_steps(sharded_models):
     import jax
     from flax import nnx
 
-    from qwen2_jax.cache import KVCache
+    from qwen2_jax.model.cache import KVCache
     from qwen2_jax.sharding import batch_sharding, cache_shardings
 
     cache = {}

@@ -1,4 +1,4 @@
-"""Specifications of qwen2_jax.tokenizer: Qwen2's tokenizer rebuilt from qwen.tiktoken, chat templates, streaming."""
+"""Specifications of qwen2_jax.inference.tokenizer: Qwen2's tokenizer rebuilt from qwen.tiktoken, chat templates, streaming."""
 
 import json
 import random
@@ -8,7 +8,7 @@ import unicodedata
 import pytest
 import tiktoken
 
-from qwen2_jax.tokenizer import (QWEN2_PATTERN, SPECIAL_TOKENS, StreamDecoder, TokenizerError,
+from qwen2_jax.inference.tokenizer import (QWEN2_PATTERN, SPECIAL_TOKENS, StreamDecoder, TokenizerError,
                                  build_qwen2_tokenizer_files, load_qwen_ranks, load_tokenizer)
 
 CORPUS = [

@@ -16,7 +16,7 @@ import pytest
 
 import qwen2_jax
 from qwen2_jax import training
-from qwen2_jax.params import hf_names, lookup, param_table
+from qwen2_jax.model.params import hf_names, lookup, param_table
 
 VOCAB = 128  # tests/hf_reference.TINY
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2_jax import views
-from qwen2_jax.config import Qwen2MoeConfig
+from qwen2_jax.model import views
+from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.model import init_random
 
 
@@ -65,7 +65,7 @@ def test_no_expert_views_for_weights_in_another_dtype_than_the_compute_dtype():
                          shared_expert_intermediate_size=16)
     from flax import nnx
 
-    from qwen2_jax.model import Qwen2MoeForCausalLM
+    from qwen2_jax.model.modeling import Qwen2MoeForCausalLM
 
     mixed = Qwen2MoeForCausalLM(cfg, dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert views.expert_views(mixed) is None  # the dispatch casts the stacks instead
@@ -78,7 +78,7 @@ def test_views_are_released_before_the_interpreter_shuts_down():
     script = textwrap.dedent("""
         import sys
         import jax.numpy as jnp
-        from qwen2_jax import views
+        from qwen2_jax.model import views
 
         held = views.slices(jnp.ones((4, 16), jnp.float32))
         dropped = views.slices(jnp.ones((4, 16), jnp.float32))

@@ -16,9 +16,9 @@ import shutil
 import sys
 import tempfile
 
-from . import cli_generate
-from .config import Qwen2MoeConfig
-from .params import layout_digest
+from qwen2_jax.cli import generate as cli_generate
+from qwen2_jax.model.config import Qwen2MoeConfig
+from qwen2_jax.model.params import layout_digest
 
 DEMO_VERSION = 1  # bump when the demo checkpoint changes other than in its parameter layout (see demo_dir)
 DEFAULT_PROMPT = "Give me a short introduction to large language models."
@@ -55,8 +55,8 @@ def demo_dir() -> str:
 
 def build(directory: str) -> str:
     """Builds the demo checkpoint into ``directory`` (beside it first, then renamed: never half-written)."""
-    from .convert import convert, write_hf_checkpoint
-    from .tokenizer import build_qwen2_tokenizer_files
+    from qwen2_jax.convert import convert, write_hf_checkpoint
+    from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files
 
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)

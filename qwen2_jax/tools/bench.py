@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from .errors import InputError
+from qwen2_jax.errors import InputError
 
 QUARTER = "qwen2-57b-a14b-quarter"
 # A few-MB model for the tests and for trying the command out quickly.
@@ -127,7 +127,7 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, threads: int | No
 
 def _bandwidth_in_subprocess() -> dict:
     """The bandwidth, measured in a child process so that its 1 GiB array does not count in our peak RSS."""
-    code = "import json; from qwen2_jax.bench import measure_bandwidth; print(json.dumps(measure_bandwidth()))"
+    code = "import json; from qwen2_jax.tools.bench import measure_bandwidth; print(json.dumps(measure_bandwidth()))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -147,7 +147,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 # ---- the config and the checkpoint --------------------------------------------------------------------------
 def bench_config(name: str, layers: int | None = None):
-    from .config import Qwen2MoeConfig, load_config
+    from qwen2_jax.model.config import Qwen2MoeConfig, load_config
 
     cfg = Qwen2MoeConfig(**TINY) if name == "tiny" else load_config(name)
     if layers is not None:
@@ -162,7 +162,7 @@ def random_checkpoint(cfg, work_dir: str | None) -> str:
     a hash of the config."""
     import hashlib
 
-    from .convert import write_hf_checkpoint
+    from qwen2_jax.convert import write_hf_checkpoint
 
     work_dir = work_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                         "qwen2-jax", "bench")
@@ -199,8 +199,8 @@ class JaxSide:
         import jax.numpy as jnp
         from flax import nnx
 
-        from . import from_pretrained
-        from .generate import generate
+        from qwen2_jax import from_pretrained
+        from qwen2_jax.inference.generate import generate
 
         t0 = time.perf_counter()
         self.model = from_pretrained(checkpoint, dtype="float32", quantize=quantize)
@@ -449,7 +449,7 @@ def _run(args, batches) -> int:
 
     cfg = bench_config(args.config, args.layers)
     if args.checkpoint:
-        from .config import Qwen2MoeConfig
+        from qwen2_jax.model.config import Qwen2MoeConfig
 
         cfg = Qwen2MoeConfig.from_json(args.checkpoint)
     for n, flag in ((args.prompt_len + args.new_tokens, "--prompt-len + --new-tokens"),

@@ -71,11 +71,11 @@ import numpy as np
 from flax import nnx
 from jax.experimental.layout import Format, Layout
 
-from . import moe, views
-from .cache import KVCache
-from .errors import InputError
-from .generate import MIN_PROMPT_BUCKET, bucket, default_eos_token_ids
-from .sampling import apply_repetition_penalty, apply_temperature, check_sampling_args, nucleus_threshold
+from qwen2_jax.model import moe, views
+from qwen2_jax.model.cache import KVCache
+from qwen2_jax.errors import InputError
+from qwen2_jax.inference.generate import MIN_PROMPT_BUCKET, bucket, default_eos_token_ids
+from qwen2_jax.inference.sampling import apply_repetition_penalty, apply_temperature, check_sampling_args, nucleus_threshold
 
 MAX_EOS = 8  # end tokens per request, padded with -1
 # An idle engine's wait for the rest of a burst: 10 ms gathered 16 clients' requests into two full packed calls
@@ -353,7 +353,7 @@ def state_shardings(cfg, mesh, slots: int) -> EngineState:
     """How the engine's state lies on ``mesh``: slots over the data axis, the cache as ``generate``'s."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from .sharding import batch_sharding, cache_shardings
+    from qwen2_jax.sharding import batch_sharding, cache_shardings
 
     cs = cache_shardings(cfg, mesh, slots)
     rows = batch_sharding(mesh)

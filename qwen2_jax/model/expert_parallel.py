@@ -2,7 +2,7 @@
 
 The routed experts are sharded over the ``expert`` axis (and their intermediate dim over ``tensor``, see
 ``rules.RULES``). Every token is replicated over the expert shards (tokens are split over ``data`` only);
-each shard runs its own experts with one of ``qwen2_jax.moe``'s implementations, with the routing ids
+each shard runs its own experts with one of ``qwen2_jax.model.moe``'s implementations, with the routing ids
 remapped to its local slice and the pairs routed to other shards masked out (weight 0). The shared expert
 (its intermediate dim over ``tensor``) runs in the same ``shard_map``: its partial sums, already scaled by
 the sigmoid gate, join the experts' on the first expert shard, so that one ``psum`` over expert x tensor adds
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from qwen2_jax import moe
+from . import moe
 from qwen2_jax.errors import InputError
-from qwen2_jax.matmul import product
-from qwen2_jax.quant import QArray
+from .matmul import product
+from .quant import QArray
 
 
 def shard_map(f, mesh: Mesh, in_specs, out_specs):
@@ -51,7 +51,7 @@ def expert_parallel_moe(mesh: Mesh, impl: str = "auto", platform: str | None = N
     """A callable ``(x[T,H], weights[T,K], experts[T,K], gate_up_proj[E,2,I,H], down_proj[E,H,I], shared=None)
     -> [T,H]`` running the routed experts expert-parallel on ``mesh``, plus, with ``shared =
     (gate[T,1], gate_proj[S,H], up_proj[S,H], down_proj[H,S])``, the shared expert scaled by its gate value;
-    ``impl`` is the ``qwen2_jax.moe`` implementation each shard runs on its local experts ("auto" chooses per
+    ``impl`` is the ``qwen2_jax.model.moe`` implementation each shard runs on its local experts ("auto" chooses per
     shard, for ``platform``, default the mesh's)."""
     platform = moe.canonical_platform(platform or mesh.devices.flat[0].platform)
     n_expert, n_tensor, n_data = mesh.shape["expert"], mesh.shape["tensor"], mesh.shape["data"]

@@ -32,7 +32,7 @@ import time
 import uuid
 
 from .engine import DEFAULT_BATCH_WAIT_MS
-from .errors import InputError
+from qwen2_jax.errors import InputError
 
 DEFAULT_MAX_LEN = 2048
 
@@ -185,7 +185,7 @@ class TextStream:
     could still become one is held back), special tokens left out of the text."""
 
     def __init__(self, tokenizer, stop: list[str], special_ids):
-        from .tokenizer import StreamDecoder
+        from qwen2_jax.inference.tokenizer import StreamDecoder
 
         self.decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
         self.stop, self.special_ids = stop, special_ids
@@ -424,7 +424,7 @@ def prometheus_text(engine) -> str:
 
 # ---- the command --------------------------------------------------------------------------------------------
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    from .sharding import add_mesh_argument
+    from qwen2_jax.sharding import add_mesh_argument
 
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face or converted Orbax)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -459,11 +459,11 @@ def run(name: str, args) -> int:
         import uvicorn
     except ImportError:
         raise InputError("qwen2-jax serve needs fastapi and uvicorn: pip install 'qwen2-jax[serve]'") from None
-    from .cli_generate import load_model
-    from .config import Qwen2MoeConfig
+    from qwen2_jax.cli.generate import load_model
+    from qwen2_jax.model.config import Qwen2MoeConfig
     from .engine import Engine, check_settings
-    from .hf_files import CheckpointError
-    from .tokenizer import load_tokenizer
+    from qwen2_jax.model.hf_files import CheckpointError
+    from qwen2_jax.inference.tokenizer import load_tokenizer
 
     if not os.path.isdir(args.checkpoint):
         raise CheckpointError(f"{args.checkpoint}: not a checkpoint directory")

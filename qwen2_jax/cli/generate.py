@@ -13,9 +13,9 @@ import os
 import sys
 import time
 
-from .errors import InputError
-from .generate import GenerationConfig, fit_context, generate_stream
-from .sampling import check_sampling_args
+from qwen2_jax.errors import InputError
+from qwen2_jax.inference.generate import GenerationConfig, fit_context, generate_stream
+from qwen2_jax.inference.sampling import check_sampling_args
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -47,7 +47,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name != "demo":
         g.add_argument("--dtype", choices=("float32", "bfloat16"),
                        help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
-        from .sharding import add_mesh_argument
+        from qwen2_jax.sharding import add_mesh_argument
 
         add_mesh_argument(g)
 
@@ -121,10 +121,10 @@ def fit_prompt(prompt_ids: list[int], settings: dict, cfg) -> list[int]:
 
 def prepare(args, checkpoint: str):
     """Config, tokenizer and sampling settings of a checkpoint directory: the cheap checks, before loading."""
-    from .config import Qwen2MoeConfig
-    from .hf_files import CheckpointError
-    from .loading import read_generation_config
-    from .tokenizer import load_tokenizer
+    from qwen2_jax.model.config import Qwen2MoeConfig
+    from qwen2_jax.model.hf_files import CheckpointError
+    from qwen2_jax.loading import read_generation_config
+    from qwen2_jax.inference.tokenizer import load_tokenizer
 
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"{checkpoint}: not a checkpoint directory")
@@ -143,11 +143,11 @@ def prepare(args, checkpoint: str):
 
 def load_model(args, checkpoint: str, cfg):
     """The model in ``--dtype`` (float32 on CPU by default), on ``--mesh`` if given."""
-    from .loading import from_pretrained
+    from qwen2_jax.loading import from_pretrained
 
     mesh = None
     if getattr(args, "mesh", None):
-        from .sharding import mesh_from_args
+        from qwen2_jax.sharding import mesh_from_args
 
         mesh = mesh_from_args(args, cfg)
     dtype = getattr(args, "dtype", None) or _default_dtype()
@@ -169,7 +169,7 @@ def stream_answer(model, tokenizer, prompt_ids: list[int], settings: dict, *, st
     """Generates from one prompt, writing the text to ``out`` as it comes and a line of figures to ``err``.
     Returns the new token ids (the end token included). Ctrl-C (KeyboardInterrupt) ends it after the figures:
     re-raised, or with ``stop_on_interrupt`` the answer so far is returned."""
-    from .tokenizer import StreamDecoder
+    from qwen2_jax.inference.tokenizer import StreamDecoder
 
     out, err = out or sys.stdout, err or sys.stderr
     eos = set(settings["eos_token_ids"])

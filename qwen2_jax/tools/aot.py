@@ -6,7 +6,7 @@ config (``qwen2_jax/targets/``, needs the ``jax-cuda13-plugin``/``-pjrt`` wheels
 deviceless TPU topology (``libtpu``). The function compiled is the real jitted one, on abstract arguments
 placed as ``generate`` places them: the decode loop by default (its body is one step), the prefill with
 ``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats); with ``--engine``, the steps of
-``qwen2-jax serve`` instead (``qwen2_jax.engine``: a decode step over the first ``--batch`` of ``--slots`` rows,
+``qwen2-jax serve`` instead (``qwen2_jax.inference.serving.engine``: a decode step over the first ``--batch`` of ``--slots`` rows,
 or the packed prefill of a ``--prompt-len`` piece; ``--engine piece``, the piece of a long or partly cached prompt,
 which attends to its row's earlier tokens; ``--engine reuse``, the copy of a row's cached prefix into a
 slot). Nothing is allocated.
@@ -35,7 +35,7 @@ import os
 import sys
 import time
 
-from .errors import Qwen2JaxError
+from qwen2_jax.errors import Qwen2JaxError
 
 TARGETS_DIR = os.path.join(os.path.dirname(__file__), "targets")
 
@@ -105,8 +105,8 @@ class Request:
     prefill_chunk: int | None = None  # default: generate's
     dtype: str = "bfloat16"
     config: str = "qwen2-57b-a14b-instruct"
-    quantize: str | None = None  # "int8", "fp8", "int8:BLOCK": weight-only quantization (qwen2_jax.quant)
-    # The serving engine's step (qwen2_jax.engine) instead of generate's: "decode", "prefill" (packed), "piece",
+    quantize: str | None = None  # "int8", "fp8", "int8:BLOCK": weight-only quantization (qwen2_jax.model.quant)
+    # The serving engine's step (qwen2_jax.inference.serving.engine) instead of generate's: "decode", "prefill" (packed), "piece",
     # "reuse"; True: "prefill" with a prompt_len, else "decode".
     engine: bool | str = False
     slots: int | None = None  # engine: its decode slots (default: batch); a decode step runs over batch of them
@@ -121,7 +121,7 @@ def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_d
     at their own size."""
     import numpy as np
 
-    from .params import iter_params, param_dtype
+    from qwen2_jax.model.params import iter_params, param_dtype
 
     total = 0
     for p, shape in iter_params(cfg):
@@ -167,8 +167,8 @@ def _engine_step(req: Request, kind: str, cfg, graphdef, params, mesh, device, d
     import jax.numpy as jnp
     import numpy as np
 
-    from . import engine as eng
-    from .generate import MIN_PROMPT_BUCKET, bucket
+    from qwen2_jax.inference.serving import engine as eng
+    from qwen2_jax.inference.generate import MIN_PROMPT_BUCKET, bucket
 
     slots = req.slots or req.batch
     if req.batch > slots:
@@ -229,21 +229,22 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
 
     import importlib
 
-    gen = importlib.import_module("qwen2_jax.generate")
-    from . import hlo_cost, moe
-    from .config import load_config
-    from .loading import resolve_dtype
-    from .model import abstract_model
-    from .params import iter_params, nest
-    from .attention import BLOCK, blocks_to_visit
-    from .sampling import Sampler, row_keys
+    gen = importlib.import_module("qwen2_jax.inference.generate")
+    from . import hlo_cost
+    from qwen2_jax.model import moe
+    from qwen2_jax.model.config import load_config
+    from qwen2_jax.loading import resolve_dtype
+    from qwen2_jax.model.modeling import abstract_model
+    from qwen2_jax.model.params import iter_params, nest
+    from qwen2_jax.model.attention import BLOCK, blocks_to_visit
+    from qwen2_jax.inference.sampling import Sampler, row_keys
 
     if req.target not in TARGETS:
         raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
     target = TARGETS[req.target]
     kind = _engine_kind(req)
-    from .params import param_dtype
-    from .quant import QuantConfig
+    from qwen2_jax.model.params import param_dtype
+    from qwen2_jax.model.quant import QuantConfig
 
     cfg = load_config(req.config)
     if req.quantize:
@@ -251,8 +252,8 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     dtype = resolve_dtype(req.dtype)
     itemsize = jnp.dtype(dtype).itemsize
     devs = devices(target)
-    from .sharding import make_mesh
-    from .sharding.rules import batch_sharding, cache_shardings, param_shardings, replicated
+    from qwen2_jax.sharding import make_mesh
+    from qwen2_jax.sharding.rules import batch_sharding, cache_shardings, param_shardings, replicated
 
     mesh = None
     if len(devs) > 1 or req.mesh:

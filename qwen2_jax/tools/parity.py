@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from .errors import InputError
+from qwen2_jax.errors import InputError
 
 JUMP = 10.0
 FLOOR = {"float32": 1e-5, "bfloat16": 1e-1}  # ~100 float32 ulps; ~10 bfloat16 ulps
@@ -62,9 +62,9 @@ def add_arguments(name, parser):
 # ---- inputs -----------------------------------------------------------------------------------------------
 def read_config(directory: str, layers: int | None):
     """The checkpoint's config cut to ``layers`` decoder layers, and its own number of layers."""
-    from .config import Qwen2MoeConfig
-    from .hf_files import CheckpointError
-    from .loading import is_orbax_checkpoint
+    from qwen2_jax.model.config import Qwen2MoeConfig
+    from qwen2_jax.model.hf_files import CheckpointError
+    from qwen2_jax.loading import is_orbax_checkpoint
 
     if layers is not None and layers < 1:
         raise InputError(f"--layers is {layers}; expected at least 1")
@@ -99,7 +99,7 @@ def read_prompts(args, directory: str, vocab_size: int) -> list[list[int]]:
     if not numbered:
         raise InputError(f"--prompts {args.prompts}: no prompt (expected one per line)")
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        from .tokenizer import load_tokenizer
+        from qwen2_jax.inference.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(directory)
         prompts = [(k, tokenizer.encode(line)) for k, line in numbered]
@@ -134,9 +134,9 @@ def load_ours(directory: str, cfg, dtype: str):
     """The model of ``cfg`` (perhaps fewer layers than the checkpoint), reading only the tensors it uses."""
     import jax
 
-    from .hf_files import read_tensors
-    from .loading import DTYPES, build_model
-    from .params import check_tensors, nest, param_table, read_block
+    from qwen2_jax.model.hf_files import read_tensors
+    from qwen2_jax.loading import DTYPES, build_model
+    from qwen2_jax.model.params import check_tensors, nest, param_table, read_block
 
     beyond = re.compile(r"^model\.layers\.(\d+)\.")
     tensors = {name: ref for name, ref in read_tensors(directory).items()
@@ -175,7 +175,7 @@ def run_ours(model, ids: np.ndarray, mask: np.ndarray) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from .model import rope_cos_sin
+    from qwen2_jax.model.modeling import rope_cos_sin
 
     ids, valid = jnp.asarray(ids), jnp.asarray(mask, bool)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)

@@ -634,7 +634,7 @@ def summary(report: Report) -> dict:
             "unknown_trip_loops": report.unknown_trip_loops, "collectives": report.collectives}
 
 
-if __name__ == "__main__":  # python -m qwen2_jax.hlo_cost FILE: the summary of a dumped HLO text
+if __name__ == "__main__":  # python -m qwen2_jax.tools.hlo_cost FILE: the summary of a dumped HLO text
     import sys
 
     print(json.dumps(summary(analyze(open(sys.argv[1]).read())), indent=2))

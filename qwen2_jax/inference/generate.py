@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import moe, views
-from .cache import KVCache
-from .errors import InputError
-from .hf_files import CheckpointError
+from qwen2_jax.model import moe, views
+from qwen2_jax.model.cache import KVCache
+from qwen2_jax.errors import InputError
+from qwen2_jax.model.generation_config import GenerationConfig  # noqa: F401 (re-exported)
 from .sampling import Sampler, candidates, check_sampling_args, choose, row_keys
 
 MIN_PROMPT_BUCKET = 16
@@ -64,44 +64,6 @@ def cache_length(n: int, context: int, chunk: int) -> int:
     """Slots for ``n`` tokens (prompt bucket + new tokens): a power of two, but past the context rounded up to
     whole chunks only (a 65,536-token context does not get a cache of 131,072 slots for a few more)."""
     return bucket(n) if bucket(n) <= max(context, chunk) else -(-n // chunk) * chunk
-
-
-# ---- generation defaults (generation_config.json) ------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    """What a checkpoint's ``generation_config.json`` sets; absent keys take transformers' defaults."""
-
-    eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    max_new_tokens: int | None = None
-
-    @classmethod
-    def from_pretrained(cls, path) -> "GenerationConfig | None":
-        """The checkpoint directory's ``generation_config.json``, or None when it has none."""
-        file = os.path.join(os.fspath(path), "generation_config.json")
-        if not os.path.isfile(file):
-            return None
-        try:
-            with open(file) as f:
-                raw = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: cannot read generation config ({e})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{file}: expected a JSON object")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in fields and v is not None}
-        eos = values.get("eos_token_id", [])
-        eos = eos if isinstance(eos, list) else [eos]
-        if not all(_is_int(e) and 0 <= e < 2**31 for e in eos):
-            raise CheckpointError(f"{file}: not a valid generation config (eos_token_id is "
-                                  f"{raw.get('eos_token_id')!r}; expected a token id or a list of them)")
-        values["eos_token_id"] = tuple(int(e) for e in eos)
-        return cls(**values)
 
 
 def default_eos_token_ids(model) -> tuple[int, ...]:
@@ -317,7 +279,7 @@ def _placement(model, num_prompts: int):
     mesh = getattr(model, "mesh", None)
     if mesh is None:
         return batch, None, None
-    from .sharding import batch_sharding, cache_shardings
+    from qwen2_jax.sharding import batch_sharding, cache_shardings
 
     by_batch = batch_sharding(mesh)
     axes = by_batch.spec[0] if len(by_batch.spec) else None
@@ -408,7 +370,7 @@ def _to_host(x) -> np.ndarray:
     """``x`` on the host; under a multi-host mesh, gathered from every process (rows live on other hosts)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from .sharding import to_host
+    from qwen2_jax.sharding import to_host
 
     return to_host(x)
 

@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers, processor
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
-from .errors import Qwen2JaxError
+from qwen2_jax.errors import Qwen2JaxError
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")

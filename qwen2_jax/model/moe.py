@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from . import quant
-from .errors import InputError
+from qwen2_jax.errors import InputError
 from .matmul import product
 
 IMPLEMENTATIONS = ("dense", "gather", "loop", "grouped", "ragged")

@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from .errors import Qwen2JaxError
+from qwen2_jax.errors import Qwen2JaxError
 
 
 class CheckpointError(Qwen2JaxError):

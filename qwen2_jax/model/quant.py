@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .errors import InputError
+from qwen2_jax.errors import InputError
 
 TYPES = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max))}
 QUANT_METHOD = "qwen2_jax"  # config.json's quantization_config.quant_method for checkpoints this port quantized

@@ -18,11 +18,15 @@ import hashlib
 from typing import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen2_jax.errors import InputError
 from .config import Qwen2MoeConfig
 from .hf_files import FLOAT_DTYPES, CheckpointError, TensorRef, read_tensors
+from .modeling import Qwen2MoeForCausalLM, abstract_model, is_norm_scale
+from .quant import QuantConfig, quantize
 
 
 # The version of this table's layout, recorded by the converter: a checkpoint of another one is converted again.
@@ -155,7 +159,7 @@ def param_shape(cfg: Qwen2MoeConfig, p: Param) -> tuple[int, ...]:
 
 @functools.cache  # configs are frozen and hashable; the module tree is traced once per config
 def _abstract_shapes(cfg: Qwen2MoeConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    from .model import abstract_model
+    from .modeling import abstract_model
 
     flat = nnx.to_flat_state(nnx.state(abstract_model(cfg)))
     return {tuple(str(k) for k in path): tuple(v.shape) for path, v in flat}
@@ -224,7 +228,6 @@ def read_block(cfg: Qwen2MoeConfig, p: Param, tensors: dict[str, TensorRef], ind
 
 
 def _read_quantized(cfg, p, tensors, index):
-    from .quant import quantize
 
     shape = param_shape(cfg, p)
     index = tuple(index) if index is not None else ()
@@ -303,6 +306,60 @@ def quantize_tree(cfg: Qwen2MoeConfig, tree: dict, shardings=None) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _quantize_jit(q, axis, values_sharding, scale_sharding):
-    from .quant import quantize
 
     return jax.jit(lambda w: quantize(w, q, axis), out_shardings=(values_sharding, scale_sharding))
+
+
+def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardings=None) -> Qwen2MoeForCausalLM:
+    """A model with random weights (normal, std 0.02; norm weights one), for demos and benchmarks.
+
+    Each weight is drawn on its own: on XLA:CPU with numpy (compiling threefry for a whole model takes XLA:CPU
+    longer than drawing the numbers), on accelerators by a jitted draw straight into the device memory (and
+    into ``shardings[path]`` when given), so a model larger than host memory can be made. With
+    ``cfg.quantization``: the float model's random weights, quantized."""
+    if cfg.quantization is not None:
+        return quantize_model(init_random(cfg.replace(quantization=None), dtype=dtype, seed=seed, shardings=shardings),
+                              cfg.quantization, shardings=shardings)
+    model = abstract_model(cfg, dtype=dtype)
+    state = nnx.state(model)
+    on_host = jax.default_backend() == "cpu"
+    leaves = []
+    for i, (path, leaf) in enumerate(nnx.to_flat_state(state)):
+        path = tuple(str(k) for k in path)
+        shape, leaf_dtype = leaf.shape, leaf.dtype
+        ones = is_norm_scale(path)
+        sharding = (shardings or {}).get(path)
+        if ones:
+            value = jnp.ones(shape, leaf_dtype, device=sharding)
+        elif on_host:
+            value = np.random.default_rng([seed, i]).standard_normal(shape, np.float32) * np.float32(0.02)
+            value = jax.device_put(value.astype(leaf_dtype), sharding)
+        else:
+            value = _device_normal(shape, jnp.dtype(leaf_dtype), sharding)(jax.random.fold_in(jax.random.key(seed), i))
+        leaves.append((path, value))
+    nnx.replace_by_pure_dict(state, nest(leaves))
+    nnx.update(model, state)
+    return model
+
+
+def quantize_model(model: Qwen2MoeForCausalLM, quant, shardings=None) -> Qwen2MoeForCausalLM:
+    """A new model whose projections hold ``quant``'s values and scales (``QuantConfig``, or "int8", "fp8",
+    "int8:128"), quantized from ``model``'s float weights where they lie (or into ``shardings[path]``), one
+    weight at a time. ``model`` keeps its own arrays."""
+    quant = QuantConfig.parse(quant)
+    if model.config.quantization is not None:
+        raise InputError(f"the model is already quantized ({model.config.quantization.dtype}); quantize a float model")
+    cfg = model.config.replace(quantization=quant)
+    tree = quantize_tree(cfg, nnx.to_pure_dict(nnx.state(model)), shardings)
+    out = abstract_model(cfg, dtype=model.dtype)
+    state = nnx.state(out)
+    nnx.replace_by_pure_dict(state, tree)
+    nnx.update(out, state)
+    for name in ("mesh", "generation_config"):
+        if hasattr(model, name):
+            setattr(out, name, getattr(model, name))
+    return out
+
+
+def _device_normal(shape, dtype, sharding):
+    return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype), out_shardings=sharding)

@@ -10,17 +10,17 @@ import importlib
 import os
 import sys
 
-from .errors import Qwen2JaxError
+from qwen2_jax.errors import Qwen2JaxError
 
 COMMANDS = {
-    "demo": ("qwen2_jax.demo", "chat with a small random-weight Qwen2-MoE and the real Qwen tokenizer (no download)"),
-    "generate": ("qwen2_jax.cli_generate", "generate text from a prompt, streamed to stdout"),
-    "chat": ("qwen2_jax.cli_generate", "multi-turn terminal chat (/reset clears history; Ctrl-C stops an answer)"),
+    "demo": ("qwen2_jax.tools.demo", "chat with a small random-weight Qwen2-MoE and the real Qwen tokenizer (no download)"),
+    "generate": ("qwen2_jax.cli.generate", "generate text from a prompt, streamed to stdout"),
+    "chat": ("qwen2_jax.cli.generate", "multi-turn terminal chat (/reset clears history; Ctrl-C stops an answer)"),
     "convert": ("qwen2_jax.convert.cli", "convert a Hugging Face safetensors checkpoint to Orbax"),
-    "bench": ("qwen2_jax.bench", "benchmark the JAX port against transformers on the same weights"),
-    "aot": ("qwen2_jax.aot", "compile a step for an H200, H100 or TPU slice without one and read what it moves"),
-    "parity": ("qwen2_jax.parity", "this port against transformers on a checkpoint, op by op and layer by layer"),
-    "serve": ("qwen2_jax.serve", "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
+    "bench": ("qwen2_jax.tools.bench", "benchmark the JAX port against transformers on the same weights"),
+    "aot": ("qwen2_jax.tools.aot", "compile a step for an H200, H100 or TPU slice without one and read what it moves"),
+    "parity": ("qwen2_jax.tools.parity", "this port against transformers on a checkpoint, op by op and layer by layer"),
+    "serve": ("qwen2_jax.inference.serving.server", "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
 }
 
 
@@ -93,7 +93,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

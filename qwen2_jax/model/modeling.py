@@ -25,8 +25,7 @@ from . import moe
 from .attention import attention, blocks_to_visit
 from .cache import KVCache
 from .config import Qwen2MoeConfig
-from .errors import InputError
-from .params import nest
+from qwen2_jax.errors import InputError
 from .matmul import product
 from .quant import QuantConfig, operand, scale_shape
 
@@ -312,7 +311,7 @@ class Qwen2MoeForCausalLM(nnx.Module):
             platform = moe.canonical_platform(mesh.devices.flat[0].platform if mesh is not None
                                               else jax.default_backend())
         if moe_impl == "auto" and mesh is not None and mesh.size > 1:
-            from .sharding import expert_parallel_moe
+            from .expert_parallel import expert_parallel_moe
 
             moe_impl = expert_parallel_moe(mesh, platform=platform)
         if attention_mask is None:
@@ -363,63 +362,6 @@ def _run_layer(layer, h, cos, sin, valid, cache, index, moe_impl, platform, view
 
 # Recomputes a layer's activations in the backward pass instead of keeping them (training with remat=True).
 _remat_layer = nnx.remat(_run_layer, static_argnums=(6, 7, 8))
-
-
-def init_random(cfg: Qwen2MoeConfig, *, dtype=jnp.float32, seed: int = 0, shardings=None) -> Qwen2MoeForCausalLM:
-    """A model with random weights (normal, std 0.02; norm weights one), for demos and benchmarks.
-
-    Each weight is drawn on its own: on XLA:CPU with numpy (compiling threefry for a whole model takes XLA:CPU
-    longer than drawing the numbers), on accelerators by a jitted draw straight into the device memory (and
-    into ``shardings[path]`` when given), so a model larger than host memory can be made. With
-    ``cfg.quantization``: the float model's random weights, quantized."""
-    if cfg.quantization is not None:
-        return quantize_model(init_random(cfg.replace(quantization=None), dtype=dtype, seed=seed, shardings=shardings),
-                              cfg.quantization, shardings=shardings)
-    model = abstract_model(cfg, dtype=dtype)
-    state = nnx.state(model)
-    on_host = jax.default_backend() == "cpu"
-    leaves = []
-    for i, (path, leaf) in enumerate(nnx.to_flat_state(state)):
-        path = tuple(str(k) for k in path)
-        shape, leaf_dtype = leaf.shape, leaf.dtype
-        ones = is_norm_scale(path)
-        sharding = (shardings or {}).get(path)
-        if ones:
-            value = jnp.ones(shape, leaf_dtype, device=sharding)
-        elif on_host:
-            value = np.random.default_rng([seed, i]).standard_normal(shape, np.float32) * np.float32(0.02)
-            value = jax.device_put(value.astype(leaf_dtype), sharding)
-        else:
-            value = _device_normal(shape, jnp.dtype(leaf_dtype), sharding)(jax.random.fold_in(jax.random.key(seed), i))
-        leaves.append((path, value))
-    nnx.replace_by_pure_dict(state, nest(leaves))
-    nnx.update(model, state)
-    return model
-
-
-def quantize_model(model: Qwen2MoeForCausalLM, quant, shardings=None) -> Qwen2MoeForCausalLM:
-    """A new model whose projections hold ``quant``'s values and scales (``QuantConfig``, or "int8", "fp8",
-    "int8:128"), quantized from ``model``'s float weights where they lie (or into ``shardings[path]``), one
-    weight at a time. ``model`` keeps its own arrays."""
-    from .params import quantize_tree
-
-    quant = QuantConfig.parse(quant)
-    if model.config.quantization is not None:
-        raise InputError(f"the model is already quantized ({model.config.quantization.dtype}); quantize a float model")
-    cfg = model.config.replace(quantization=quant)
-    tree = quantize_tree(cfg, nnx.to_pure_dict(nnx.state(model)), shardings)
-    out = abstract_model(cfg, dtype=model.dtype)
-    state = nnx.state(out)
-    nnx.replace_by_pure_dict(state, tree)
-    nnx.update(out, state)
-    for name in ("mesh", "generation_config"):
-        if hasattr(model, name):
-            setattr(out, name, getattr(model, name))
-    return out
-
-
-def _device_normal(shape, dtype, sharding):
-    return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype), out_shardings=sharding)
 
 
 def abstract_model(cfg: Qwen2MoeConfig, *, dtype=jnp.float32) -> Qwen2MoeForCausalLM:

@@ -1,6 +1,6 @@
 """Memory and communication of a mesh, from the partition rules and the compiled program (docs/sharding.md).
 
-    python -m qwen2_jax.sharding.plan --devices 8 --mesh expert=2,tensor=4 [--hlo] [--batch 8]
+    python -m qwen2_jax.tools.plan --devices 8 --mesh expert=2,tensor=4 [--hlo] [--batch 8]
 
 Simulates ``--devices`` CPU devices (so that it runs anywhere) and reports, for the model of ``--config``
 (default: Qwen2-57B-A14B's shapes):
@@ -24,9 +24,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 def weight_bytes(cfg, mesh, itemsize: int) -> dict[str, int]:
     """Parameter bytes under ``param_shardings``: in all, per device, and per device split into the routed
     experts and the rest (attention, shared expert, router, embeddings: read at every decode step)."""
-    from qwen2_jax.params import iter_params
+    from qwen2_jax.model.params import iter_params
 
-    from .rules import param_shardings
+    from qwen2_jax.sharding.rules import param_shardings
 
     shardings = param_shardings(cfg, mesh)
     out = dict(total=0, per_device=0, experts_per_device=0)
@@ -51,7 +51,7 @@ def decode_read_bytes(cfg, mesh, itemsize: int, weights: dict[str, int]) -> tupl
 
 def kv_bytes_per_token(cfg, mesh, itemsize: int) -> tuple[int, int]:
     """(KV-cache bytes per token of one sequence, the share of one device holding that sequence)."""
-    from .rules import cache_shardings
+    from qwen2_jax.sharding.rules import cache_shardings
 
     rows = mesh.shape["data"]  # one sequence per data shard
     shape = (rows, cfg.num_key_value_heads, 1, cfg.head_dim)  # one layer's keys
@@ -65,11 +65,11 @@ def decode_hlo(cfg, mesh, dtype, batch: int, cache_len: int) -> str:
     import jax
     from flax import nnx
 
-    from qwen2_jax.cache import KVCache
-    from qwen2_jax.model import abstract_model
-    from qwen2_jax.params import iter_params, nest
+    from qwen2_jax.model.cache import KVCache
+    from qwen2_jax.model.modeling import abstract_model
+    from qwen2_jax.model.params import iter_params, nest
 
-    from .rules import batch_sharding, cache_shardings, param_shardings
+    from qwen2_jax.sharding.rules import batch_sharding, cache_shardings, param_shardings
 
     model = abstract_model(cfg, dtype=dtype)
     model.mesh = mesh  # so that forward dispatches the experts expert-parallel
@@ -93,7 +93,7 @@ def decode_hlo(cfg, mesh, dtype, batch: int, cache_len: int) -> str:
 def collectives(hlo: str) -> list[dict]:
     """Each kind of collective in the HLO with its group size, buffer bytes, runs per step (``hlo_cost``) and
     the bytes each device sends per run under the ring algorithm."""
-    from qwen2_jax import hlo_cost
+    from . import hlo_cost
 
     out = []
     for c in hlo_cost.analyze(hlo).collectives:
@@ -124,9 +124,9 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", args.devices)
     import jax.numpy as jnp
 
-    from qwen2_jax.config import Qwen2MoeConfig
+    from qwen2_jax.model.config import Qwen2MoeConfig
 
-    from .mesh import describe_mesh, make_mesh
+    from qwen2_jax.sharding.mesh import describe_mesh, make_mesh
 
     cfg = Qwen2MoeConfig.from_json(args.config) if args.config else Qwen2MoeConfig()
     mesh = make_mesh(args.mesh, cfg=cfg)

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any
 
-from .errors import Qwen2JaxError
+from qwen2_jax.errors import Qwen2JaxError
 from .quant import QUANT_METHOD, QuantConfig
 
 

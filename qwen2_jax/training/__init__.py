@@ -31,11 +31,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import moe
-from .config import Qwen2MoeConfig
-from .errors import InputError
-from .hf_files import CheckpointError
-from .model import is_norm_scale
+from qwen2_jax.model import moe
+from qwen2_jax.model.config import Qwen2MoeConfig
+from qwen2_jax.errors import InputError
+from qwen2_jax.model.hf_files import CheckpointError
+from qwen2_jax.model.modeling import is_norm_scale
 
 IGNORE_INDEX = -100  # transformers' ignore_index for labels
 
@@ -90,7 +90,7 @@ def _train_moe_impl(model, moe_impl, num_tokens: int):
     impl = moe.choose(num_tokens, cfg.num_experts_per_tok, cfg.num_experts, platform)
     impl = "dense" if impl == "loop" else impl
     if mesh is not None and mesh.size > 1:
-        from .sharding import expert_parallel_moe
+        from qwen2_jax.sharding import expert_parallel_moe
 
         return expert_parallel_moe(mesh, impl, platform)
     return impl
@@ -176,7 +176,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # clip by global norm; None: no clipping
     remat: bool = False  # recompute each layer's activations in the backward pass (memory for compute)
     master_weights: bool = True  # float32 master copy in the optimizer state when parameters are not float32
-    moe_impl: str | Callable = "auto"  # the routed-expert dispatch (a name from qwen2_jax.moe or a callable)
+    moe_impl: str | Callable = "auto"  # the routed-expert dispatch (a name from qwen2_jax.model.moe or a callable)
 
     def __post_init__(self):
         rate, end, decay = (_number_or_nan(v) for v in (self.learning_rate, self.end_learning_rate, self.weight_decay))
@@ -269,7 +269,7 @@ def state_shardings(cfg: Qwen2MoeConfig, tc: TrainConfig, mesh, params) -> Train
     """The sharding of every array of the train state on ``mesh``: parameters by the inference partition
     rules (``qwen2_jax.sharding.param_shardings``), each optimizer moment and master copy like its
     parameter, scalars (step, counts) replicated."""
-    from .sharding import param_shardings
+    from qwen2_jax.sharding import param_shardings
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     by_param = _tree_from_paths(param_shardings(cfg, mesh), params)
@@ -347,7 +347,7 @@ def make_train_step(graphdef, tc: TrainConfig, like: TrainState, mesh=None) -> C
     if mesh is None:
         jitted = jax.jit(fn, donate_argnums=0)
     else:
-        from .sharding import batch_sharding, check_batch, replicated
+        from qwen2_jax.sharding import batch_sharding, check_batch, replicated
 
         state_sh = jax.tree.map(lambda a: a.sharding, like)
         jitted = jax.jit(fn, in_shardings=(state_sh, batch_sharding(mesh)), out_shardings=(state_sh, replicated(mesh)),

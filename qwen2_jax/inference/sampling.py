@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .errors import InputError
+from qwen2_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
