@@ -25,10 +25,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
-import qwen2_jax
+from qwen2_jax import __version__
 from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.errors import InputError, Qwen2JaxError
-from qwen2_jax.model.hf_files import DTYPES, CheckpointError, read_tensors, weight_files
+from qwen2_jax.model.hf_files import DTYPES, CheckpointError, check_checkpoint_dir, read_tensors, weight_files
 from qwen2_jax.model.params import (LAYOUT_VERSION, check_tensors, hf_names, iter_params, lookup, nest, param_dtype,
                               read_block)
 from qwen2_jax.model.quant import QuantConfig
@@ -61,9 +61,8 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported; expected one of {sorted(OUTPUT_DTYPES)} (or None to keep "
                          f"the source dtype)")
+    check_checkpoint_dir(hf_dir)  # before abspath: a Hub id, "owner/name", gets its own message
     hf_dir, out_dir = os.path.abspath(os.fspath(hf_dir)), os.path.abspath(os.fspath(out_dir))
-    if not os.path.isdir(hf_dir):
-        raise CheckpointError(f"{hf_dir}: not a checkpoint directory")
     if _inside(hf_dir, out_dir):  # --force would delete the source
         raise ConvertError(f"{out_dir}: the output directory contains the source checkpoint {hf_dir}")
     if os.path.lexists(out_dir) and not force:
@@ -108,7 +107,7 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
                 json.dump(raw, f, indent=2)
         metadata = {
             "format": "qwen2-jax orbax checkpoint",
-            "qwen2_jax_version": qwen2_jax.__version__,
+            "qwen2_jax_version": __version__,
             "layout_version": LAYOUT_VERSION,
             "dtype": _dtype_summary(shapes),
             "quantization": quant.to_json() if quant is not None else None,
@@ -133,7 +132,7 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, p
 
 
 # A parameter the layout lacks or does not know is what a checkpoint converted by another release looks like.
-RECONVERT = f"; if another qwen2-jax version converted it, convert it again with this one ({qwen2_jax.__version__})"
+RECONVERT = f"; if another qwen2-jax version converted it, convert it again with this one ({__version__})"
 RECONVERT_ALL = "; convert the Hugging Face checkpoint again (qwen2-jax convert)"
 # What Orbax reads before any array: the tree's metadata and the OCDBT database's root.
 ORBAX_FILES = ("_METADATA", "manifest.ocdbt")

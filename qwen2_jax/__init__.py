@@ -88,6 +88,7 @@ MOVED = {
     "qwen2_jax.bench_hf_runner": "qwen2_jax.tools.bench_hf_runner",
     "qwen2_jax.demo": "qwen2_jax.tools.demo",
     "qwen2_jax.cli_generate": "qwen2_jax.cli.generate",
+    "qwen2_jax.convert.cli": "qwen2_jax.cli.convert",
     "qwen2_jax.sharding.expert_parallel": "qwen2_jax.model.expert_parallel",
 }
 

@@ -12,7 +12,7 @@ from qwen2_jax.convert.layout import is_orbax_checkpoint
 from qwen2_jax.errors import InputError, Qwen2JaxError
 from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.model.generation_config import GenerationConfig
-from qwen2_jax.model.hf_files import CheckpointError
+from qwen2_jax.model.hf_files import CheckpointError, check_checkpoint_dir
 from qwen2_jax.model.modeling import Qwen2MoeForCausalLM, abstract_model
 from qwen2_jax.model.params import load_hf, quantize_tree
 from qwen2_jax.model.quant import QuantConfig
@@ -57,9 +57,7 @@ def from_pretrained(path, *, dtype="bfloat16", mesh=None, quantize=None) -> Qwen
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a checkpoint directory (a str or os.PathLike), got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
+    path = check_checkpoint_dir(path)
     dtype = resolve_dtype(dtype)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise InputError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__} {mesh!r:.60}; make one with "

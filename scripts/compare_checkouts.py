@@ -37,7 +37,12 @@ for sub in ("sharding", "convert"):  # installed as qwen2_jax.<sub> from top-lev
     spec.loader.exec_module(module)
 import jax.numpy as jnp
 import numpy as np
-from qwen2_jax.tools.bench import bench_config
+try:  # the package in layers (0.2.0 on)
+    from qwen2_jax.tools.bench import bench_config
+    from qwen2_jax.inference.serving.engine import Engine
+except ImportError:  # a checkout from before
+    from qwen2_jax.bench import bench_config
+    from qwen2_jax.engine import Engine
 from qwen2_jax.model import init_random
 args = json.loads(sys.argv[2])
 cfg = bench_config(args["config"])
@@ -45,7 +50,6 @@ model = init_random(cfg, dtype=jnp.float32, seed=0)
 out = {"module": qwen2_jax.__file__}
 if args["engine_slots"]:
     import jax
-    from qwen2_jax.inference.serving.engine import Engine
     jax.config.update("jax_compilation_cache_dir", args["cache_dir"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     engine = Engine(model, slots=args["engine_slots"], max_len=args["engine_max_len"],

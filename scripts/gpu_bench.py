@@ -92,7 +92,7 @@ def measure_jax(args, cfg, label, deadline, results, with_ttft=True, with_engine
     from flax import nnx
 
     from qwen2_jax import init_random
-    from qwen2_jax.inference import generate
+    from qwen2_jax.inference.generate import generate
     from qwen2_jax.tools.bench import decode_step_bytes
 
     out = {"label": label, "layers": cfg.num_hidden_layers, "decode": {}, "skipped": []}

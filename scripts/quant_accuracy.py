@@ -13,7 +13,6 @@ weights (``init_random``) unless ``--checkpoint``. Prints a table; ``--json`` wr
 
 import argparse
 import json
-import os
 import sys
 
 import jax

@@ -93,7 +93,8 @@ def describe_mesh(mesh: Mesh) -> str:
 
 
 def add_mesh_argument(parser) -> None:
-    """The ``--mesh`` flag for CLI commands that run the model."""
+    """A ``--mesh`` flag for a script's own parser (``mesh_from_args`` reads it). The ``qwen2-jax`` command's is
+    ``qwen2_jax.cli.common.add_mesh_argument``, which defines it without importing jax."""
     parser.add_argument("--mesh", default=None, metavar="SPEC",
                         help=f"device mesh, e.g. {SPEC_EXAMPLE!r} (missing axes are 1); 'auto' spreads all "
                              "devices as docs/sharding.md recommends; default: one device, no mesh")

@@ -150,6 +150,10 @@ def test_cli_prints_a_table_writes_json_and_dumps_the_hlo(tiny_config, tmp_path)
                            "--dump-hlo", str(tmp_path / "hlo")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bytes_per_step" in proc.stdout and "roofline_bytes" in proc.stdout
+    # never silent for the minute a full-size compile takes: a line on stderr as each stage begins, for each batch
+    stages = [line.split(" (")[0].split(",")[0] for line in proc.stderr.splitlines() if line.startswith("aot: ")]
+    assert stages == 2 * ["aot: building the abstract model", "aot: lowering the decode step",
+                          "aot: compiling for h100", "aot: analysing the compiled program"], proc.stderr[-2000:]
     results = json.loads(out.read_text())
     assert [r["batch"] for r in results] == [1, 4] and all(r["target"] == "h100" for r in results)
     assert sorted(os.listdir(tmp_path / "hlo")) == ["h100-decode-b1.hlo.txt", "h100-decode-b4.hlo.txt"]

@@ -293,6 +293,63 @@ def test_a_checkpoint_path_that_is_a_file_is_refused(tmp_path, capsys):
         capsys, "generate", tmp_path / "model.safetensors", "--prompt", "hi")
 
 
+# Every command that reads a checkpoint directory, with what it needs besides the path.
+READERS = {"generate": ["--prompt", "hi"], "chat": [], "serve": [], "parity": [], "convert": ["{tmp}/out"]}
+HUB_ID = "Qwen/Qwen2-57B-A14B-Instruct"
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_a_hugging_face_hub_id_says_this_tool_reads_local_directories_and_how_to_download_one(
+        command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./Qwen here
+    err = refused(capsys, command, HUB_ID, *[a.format(tmp=tmp_path) for a in READERS[command]])
+    assert f"error: {HUB_ID}: no such directory; it looks like a Hugging Face Hub id" in err
+    assert "reads local checkpoint directories only" in err
+    assert f"`huggingface-cli download {HUB_ID} --local-dir DIR`" in err
+    assert os.listdir(tmp_path) == []  # convert wrote nothing
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_a_path_that_does_not_exist_says_so(command, tmp_path, capsys):
+    missing = tmp_path / "models" / "qwen"
+    err = refused(capsys, command, missing, *[a.format(tmp=tmp_path) for a in READERS[command]])
+    assert f"error: {missing}: does not exist (expected a checkpoint directory)\n" in err
+
+
+def test_a_local_owner_name_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # models/ is here: models/qwen is a local path with a typo, not a Hub id
+    err = refused(capsys, "generate", "models/qwen", "--prompt", "hi")
+    assert "models/qwen: does not exist" in err and "Hub" not in err
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_a_directory_that_is_not_a_checkpoint_says_so(command, tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_text("")
+    err = refused(capsys, command, tmp_path / "photos", *[a.format(tmp=tmp_path) for a in READERS[command]])
+    assert f"{tmp_path / 'photos'}: a directory but not a checkpoint: no config.json" in err
+    assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_from_pretrained_says_the_same_about_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        qwen2_jax.from_pretrained(HUB_ID)
+    assert "looks like a Hugging Face Hub id" in one_line(e) and "huggingface-cli download" in one_line(e)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "convert", "bench", "aot"])
+def test_an_unknown_quantization_type_is_one_line_in_every_command(command, checkpoint, tmp_path, capsys):
+    where = {"generate": [checkpoint, "--prompt", "hi"], "chat": [checkpoint], "serve": [checkpoint],
+             "convert": [checkpoint, tmp_path / "out"],
+             "bench": ["--config", "tiny", "--no-hf", "--work-dir", tmp_path],
+             "aot": []}[command]
+    err = refused(capsys, command, *where, "--quantize", "int4")
+    assert "quantization type 'int4' is not supported; expected one of ['fp8', 'int8']" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
 # ---- chat input that cannot be tokenized ----------------------------------------------------------------
 def test_chat_says_a_line_of_stdin_is_not_utf8_and_goes_on(checkpoint, capsys, monkeypatch):
     stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe oops\n/exit\n"), encoding="utf-8")  # strict, as a UTF-8 locale
@@ -485,10 +542,10 @@ def test_an_unexpected_error_shows_its_traceback_from_the_cli_process(tmp_path):
 
 def test_qwen2_jax_debug_shows_the_traceback_of_bad_input(monkeypatch, capsys):
     monkeypatch.setenv("QWEN2_JAX_DEBUG", "1")
-    with pytest.raises(CheckpointError, match="/nonexistent/ckpt: not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="/nonexistent/ckpt: does not exist"):
         cli.main(["generate", "/nonexistent/ckpt", "--prompt", "hi"])
     monkeypatch.setenv("QWEN2_JAX_DEBUG", "0")  # off again
-    assert "not a checkpoint directory" in refused(capsys, "generate", "/nonexistent/ckpt", "--prompt", "hi")
+    assert "does not exist" in refused(capsys, "generate", "/nonexistent/ckpt", "--prompt", "hi")
 
 
 def test_qwen2_jax_debug_shows_the_traceback_from_the_cli_process():
@@ -496,7 +553,7 @@ def test_qwen2_jax_debug_shows_the_traceback_from_the_cli_process():
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, QWEN2_JAX_DEBUG="1"))
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "CheckpointError: /nonexistent/ckpt: not a checkpoint directory" in proc.stderr
+    assert "CheckpointError: /nonexistent/ckpt: does not exist" in proc.stderr
 
 
 def test_a_non_utf8_prompt_byte_from_the_command_line_is_one_line_from_the_process(checkpoint):

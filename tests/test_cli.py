@@ -1,9 +1,12 @@
-"""``qwen2-jax generate``, ``chat`` and ``demo`` end to end on a tiny checkpoint with the real Qwen tokenizer."""
+"""The ``qwen2-jax`` command line (help, version, flags) and ``generate``, ``chat`` and ``demo`` end to end on a
+tiny checkpoint with the real Qwen tokenizer."""
 
+import argparse
 import importlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +15,10 @@ import pytest
 
 import qwen2_jax
 from qwen2_jax import cli
+from qwen2_jax.cli import common
+from qwen2_jax.cli import demo as cli_demo
 from qwen2_jax.cli import generate as cli_generate
+from qwen2_jax.inference import generate as generate_module
 from qwen2_jax.tools import demo
 from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.convert import write_hf_checkpoint
@@ -124,7 +130,7 @@ def test_bad_generation_flags_are_a_one_line_error(checkpoint, capsys, argv, mes
 
 
 def test_a_path_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    for path, message in [(tmp_path / "missing", "not a checkpoint directory"), (tmp_path, "no config.json")]:
+    for path, message in [(tmp_path / "missing", "missing: does not exist"), (tmp_path, "no config.json")]:
         code, _, err = run_cli(capsys, "generate", str(path), "--prompt", "hi")
         assert code == 2 and message in err and err.count("\n") == 1
 
@@ -143,7 +149,8 @@ def test_the_cli_reports_bad_input_without_a_traceback_as_a_process():
     result = subprocess.run([sys.executable, "-m", "qwen2_jax.cli", "generate", "/nonexistent/ckpt", "--prompt", "hi"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr == "qwen2-jax generate: error: /nonexistent/ckpt: not a checkpoint directory\n"
+    assert result.stderr == ("qwen2-jax generate: error: /nonexistent/ckpt: does not exist (expected a checkpoint "
+                             "directory)\n")
 
 
 def prompt_sizes(err):
@@ -162,7 +169,7 @@ def test_chat_keeps_the_history_and_reset_clears_it(checkpoint, capsys, monkeypa
 
 
 def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(checkpoint, capsys, monkeypatch):
-    real = cli_generate.generate_stream
+    real = generate_module.generate_stream
     calls = []
 
     def interrupted_once(*args, **kwargs):
@@ -172,7 +179,7 @@ def test_chat_ctrl_c_stops_the_answer_but_not_the_chat(checkpoint, capsys, monke
                 raise KeyboardInterrupt
             yield new
 
-    monkeypatch.setattr(cli_generate, "generate_stream", interrupted_once)
+    monkeypatch.setattr(generate_module, "generate_stream", interrupted_once)
     code, out, err = run_cli(capsys, "chat", checkpoint, "--max-new-tokens", "6", stdin="Hello\nAgain\n",
                              monkeypatch=monkeypatch)
     assert code == 0 and len(calls) == 2
@@ -192,13 +199,15 @@ def test_demo_builds_its_checkpoint_once_and_says_the_weights_are_random(tokeniz
     code, out, err = run_cli(capsys, "demo", "--max-new-tokens", "5")
     assert code == 0
     assert "building the demo checkpoint" in err and "RANDOM weights" in err
-    assert out.startswith(f"user: {demo.DEFAULT_PROMPT}\nassistant: ")
+    assert out.startswith(f"user: {cli_demo.DEFAULT_PROMPT}\nassistant: ")
     directory = demo.demo_dir()
     assert directory.startswith(str(tmp_path))
     assert os.path.isdir(os.path.join(directory, "params"))  # converted to Orbax
     with open(os.path.join(directory, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == [151645, 151643]
     assert [p for p in os.listdir(os.path.dirname(directory)) if p.startswith(".build-")] == []
+    # what to pass to the other commands: this checkpoint, and how to get a Hugging Face one too
+    assert f"Orbax:        {directory}" in err and "qwen2-jax demo --hf-dir DIR" in err
 
     code, again, err = run_cli(capsys, "demo", "--max-new-tokens", "5")
     assert code == 0 and "building" not in err and again == out  # cached, and seeded
@@ -213,3 +222,204 @@ def test_the_demo_cache_is_keyed_by_the_parameter_layout(tmp_path, monkeypatch):
     assert os.path.basename(directory).startswith(f"v{demo.DEMO_VERSION}-")
     monkeypatch.setattr(demo, "DEMO_CONFIG", demo.DEMO_CONFIG.replace(moe_intermediate_size=32))
     assert demo.demo_dir() != directory
+
+
+# ---- the command line itself: help, version, flags ----------------------------------------------------------
+HEAVY = ("jax", "numpy", "flax", "torch", "transformers", "fastapi", "uvicorn")
+
+
+def test_help_and_version_of_every_command_answer_without_importing_jax_numpy_torch_or_fastapi():
+    code = ("import contextlib, io, sys\n"
+            "from qwen2_jax import cli\n"
+            "answers = []\n"
+            f"for argv in [['--help'], ['--version'], *[[c, '--help'] for c in cli.COMMANDS]]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        try:\n"
+            "            cli.main(argv)\n"
+            "        except SystemExit as e:\n"
+            "            answers.append((argv[0], e.code, len(out.getvalue()) > 0))\n"
+            f"print(answers, [m for m in {HEAVY!r} if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers, imported = proc.stdout.rsplit("] [", 1)
+    assert imported.strip() == "]", f"--help imported {imported}"
+    assert answers.count(", 0, True)") == 2 + len(cli.COMMANDS)  # each printed its text and exited 0
+
+
+def test_version_prints_the_package_version():
+    proc = subprocess.run([sys.executable, "-m", "qwen2_jax.cli", "--version"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout == f"qwen2-jax {qwen2_jax.__version__}\n" == "qwen2-jax 0.2.0\n"
+
+
+def help_text(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_top_level_help_says_what_the_tool_does_and_lists_every_command_in_a_line(capsys):
+    text = help_text(capsys)
+    assert "Qwen2-57B-A14B" in text and "local directories" in text
+    assert "huggingface-cli download Qwen/Qwen2-57B-A14B-Instruct --local-dir DIR" in text
+    assert "each subcommand lives in its own module" not in text  # no longer the module docstring's first line
+    for name, (_, line) in cli.COMMANDS.items():
+        assert f"\n    {name} " in text and line.split()[0] in text
+
+
+def subcommands():
+    parser = cli.build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_each_command_help_describes_what_it_reads_and_writes_with_an_example(capsys):
+    for name in cli.COMMANDS:
+        text = help_text(capsys, name)
+        description = subcommands()[name].description
+        assert description.splitlines()[0] in text, name
+        assert len(description.split()) > 60, name  # a paragraph, not a line
+        assert f"qwen2-jax {name}" in description.split("example")[1], name  # at least one example
+
+
+def test_every_flag_of_every_command_has_help_that_states_its_default():
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            if action.option_strings and action.required is False:
+                assert "default" in action.help, (name, action.option_strings)
+
+
+def test_the_quantize_choices_are_stated_identically_in_every_command_and_the_readme():
+    taking = {name for name, parser in subcommands().items()
+              for action in parser._actions if "--quantize" in action.option_strings
+              and common.QUANTIZE_CHOICES in action.help}
+    assert taking == {"generate", "chat", "serve", "convert", "bench", "aot"}
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        rows = [line for line in f if line.startswith("| `qwen2-jax ")]
+    for name in taking:
+        [row] = [r for r in rows if r.startswith(f"| `qwen2-jax {name} ") or r.startswith(f"| `qwen2-jax {name}`")]
+        assert "[--quantize int8\\|fp8\\|int8:BLOCK]" in row, row
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_generate_chat_and_serve_take_quantize(command):
+    argv = [command, "CKPT", "--quantize", "int8:128"] + (["--prompt", "x"] if command == "generate" else [])
+    assert cli.build_parser().parse_args(argv).quantize == "int8:128"
+
+
+# ---- what generate and chat say on stderr --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quantized(checkpoint, tmp_path_factory):
+    """The checkpoint converted with --quantize int8: a checkpoint that is quantized as it is stored."""
+    from qwen2_jax.convert import convert
+
+    out = tmp_path_factory.mktemp("int8") / "ckpt"
+    convert(checkpoint, out, quantize="int8", progress=False)
+    return str(out)
+
+
+def loaded_line(err: str, checkpoint: str) -> re.Match:
+    return re.search(rf"^loaded {re.escape(checkpoint)} \((\S+), ([0-9.]+) (MB|GB) on the device\) in [0-9.]+ s$", err,
+                     re.MULTILINE)
+
+
+def test_the_loaded_line_states_the_weights_type_and_bytes(checkpoint, quantized, capsys, monkeypatch):
+    code, _, err = run_cli(capsys, "generate", checkpoint, "--prompt", "hi", "--max-new-tokens", "2")
+    float_line = loaded_line(err, checkpoint)
+    assert code == 0 and float_line and float_line[1] == "float32", err
+    code, _, err = run_cli(capsys, "generate", quantized, "--prompt", "hi", "--max-new-tokens", "2")
+    stored = loaded_line(err, quantized)
+    assert code == 0 and stored and stored[1] == "int8", err  # not "(float32)": the weights are int8
+    code, _, err = run_cli(capsys, "chat", checkpoint, "--quantize", "int8", "--max-new-tokens", "2",
+                           stdin="hi\n", monkeypatch=monkeypatch)
+    on_load = loaded_line(err, checkpoint)
+    assert code == 0 and on_load and on_load[1] == "int8", err
+    assert float(stored[2]) == float(on_load[2]) < float(float_line[2])  # all MB: the tiny model
+
+
+def test_a_quantized_checkpoint_asked_to_quantize_again_is_one_line(quantized, capsys):
+    code, _, err = run_cli(capsys, "generate", quantized, "--prompt", "hi", "--quantize", "int8",
+                           "--max-new-tokens", "2")
+    assert code == 2 and err == (f"qwen2-jax generate: error: {quantized}: already quantized (int8); load it without "
+                                 f"--quantize\n")
+
+
+def test_serve_loads_with_quantize(checkpoint, capsys, monkeypatch):
+    from qwen2_jax.errors import InputError
+    from qwen2_jax.inference.serving import engine
+
+    def stop(model, **settings):  # stands in for the engine, and stops the command before it serves
+        raise InputError("not serving in this test")
+
+    monkeypatch.setattr(engine, "Engine", stop)
+    code, _, err = run_cli(capsys, "serve", checkpoint, "--quantize", "int8", "--max-len", "64")
+    assert code == 2 and "not serving in this test" in err
+    assert loaded_line(err, checkpoint)[1] == "int8"
+
+
+def test_the_cli_defaults_are_the_libraries(checkpoint):
+    from qwen2_jax.cli import serve
+    from qwen2_jax.inference.serving import engine, server
+
+    assert cli_generate.PREFILL_CHUNK == generate_module.PREFILL_CHUNK
+    assert serve.DEFAULT_MAX_LEN == server.DEFAULT_MAX_LEN
+    assert serve.DEFAULT_BATCH_WAIT_MS == engine.DEFAULT_BATCH_WAIT_MS
+
+
+def test_prompts_are_padded_to_powers_of_two_then_to_whole_chunks():
+    lengths = {n: generate_module.padded_prompt_length(n, 2048) for n in (1, 16, 17, 1000, 2048, 2049, 5000)}
+    assert lengths == {1: 16, 16: 16, 17: 32, 1000: 1024, 2048: 2048, 2049: 4096, 5000: 6144}
+
+
+def test_chat_says_it_compiles_once_for_each_new_prompt_length(checkpoint, capsys, monkeypatch):
+    long = "word " * 40
+    code, _, err = run_cli(capsys, "chat", checkpoint, "--max-new-tokens", "2",
+                           stdin=f"Hello\n/reset\nHello\n/reset\n{long}\n", monkeypatch=monkeypatch)
+    assert code == 0
+    compiling = [int(m) for m in re.findall(r"^compiling for prompts of up to (\d+) tokens\.\.\.$", err, re.MULTILINE)]
+    first, _, third = prompt_sizes(err)
+    assert compiling == [generate_module.padded_prompt_length(n, 2048) for n in (first, third)]  # not twice for "Hello"
+    assert compiling[0] < compiling[1]
+    assert err.index("compiling for prompts") < err.index("prompt ")  # said before the wait, not after
+
+
+# ---- the demo's checkpoints ----------------------------------------------------------------------------------
+def test_demo_hf_dir_writes_the_hugging_face_checkpoint_and_names_both(tokenizer_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN2_JAX_HOME", str(tmp_path / "home"))
+    tokenizer = importlib.import_module("qwen2_jax.inference.tokenizer")
+    monkeypatch.setattr(tokenizer, "build_qwen2_tokenizer_files",
+                        lambda out: shutil.copytree(tokenizer_dir, out, dirs_exist_ok=True))
+    hf = tmp_path / "demo-hf"
+    code, out, err = run_cli(capsys, "demo", "--max-new-tokens", "3", "--hf-dir", str(hf))
+    assert code == 0, err
+    orbax = demo.demo_dir()
+    assert f"wrote the demo's Hugging Face checkpoint in {hf}" in err
+    assert f"Orbax:        {orbax}" in err and f"Hugging Face: {hf}" in err  # the paths to pass on
+    assert sorted(os.listdir(hf)) == ["config.json", "generation_config.json", "model.safetensors",
+                                      "tokenizer.json", "tokenizer_config.json"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # nothing left beside it
+    # the weights the Orbax checkpoint was converted from: the same model, and the same answer
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    a, b = (jax.tree.leaves(nnx.state(qwen2_jax.from_pretrained(d, dtype="float32"))) for d in (hf, orbax))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    code, again, err = run_cli(capsys, "demo", "--max-new-tokens", "3", "--hf-dir", str(hf))
+    assert code == 0 and again == out and f"kept the demo's Hugging Face checkpoint in {hf}" in err
+
+
+def test_demo_refuses_an_hf_dir_that_holds_something_else_and_leaves_it_as_it_was(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN2_JAX_HOME", str(tmp_path))
+    os.makedirs(demo.demo_dir())  # stands in for a built demo checkpoint: nothing is loaded before the error below
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "demo", "--hf-dir", str(other))
+    assert code == 2 and err.count("\n") == 1
+    assert f"--hf-dir {other}: already exists and is not the demo's Hugging Face checkpoint" in err
+    assert os.listdir(other) == ["notes.txt"]

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from hf_reference import parity_model
@@ -146,7 +145,7 @@ def test_prompts_file_lines_are_text_with_the_checkpoints_tokenizer(checkpoint, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["{missing}"], "not a checkpoint directory"),
+    (["{missing}"], "{missing}: does not exist"),
     (["{empty}"], "no config.json"),
     (["{ckpt}", "--layers", "0"], "--layers is 0; expected at least 1"),
     (["{ckpt}", "--layers", "5"], "--layers is 5; expected 1 to 4 (num_hidden_layers of"),

@@ -395,7 +395,7 @@ def test_weight_decay_masks_biases_and_norm_scales_only():
                                                               "mlp": {"experts": {"gate_up_proj": 0}}}},
                         "embed_tokens": {"embedding": 0}},
               "lm_head": {"weight": 0}}
-    mask = training._decays(params)
+    mask = training.step._decays(params)
     assert mask == {"model": {"norm": {"weight": False},
                               "layers": {0: {"input_layernorm": {"weight": False},
                                              "self_attn": {"q_proj": {"weight": True, "bias": False}},

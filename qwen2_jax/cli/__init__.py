@@ -1,7 +1,9 @@
-"""The ``qwen2-jax`` command: each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``. Bad input (the project's own errors, ``qwen2_jax.errors``,
-and the OS errors about the user's paths) ends in one line on stderr and exit status 2; anything else is a bug
-and keeps its traceback. ``QWEN2_JAX_DEBUG=1`` shows the traceback of bad input too."""
+"""The ``qwen2-jax`` command. Each subcommand's flags live in a module here (``COMMANDS``), which provides
+``DESCRIPTIONS`` (its ``--help`` text), ``add_arguments(name, parser)`` and ``run(name, args) -> int``; those
+modules import nothing heavy at the top, so the parser, ``--help`` and ``--version`` answer without starting jax,
+and ``run`` imports the implementation. Bad input (the project's own errors, ``qwen2_jax.errors``, and the OS
+errors about the user's paths) ends in one line on stderr and exit status 2; anything else is a bug and keeps
+its traceback. ``QWEN2_JAX_DEBUG=1`` shows the traceback of bad input too."""
 
 from __future__ import annotations
 
@@ -10,17 +12,31 @@ import importlib
 import os
 import sys
 
+from qwen2_jax import __version__
 from qwen2_jax.errors import Qwen2JaxError
 
+DESCRIPTION = """\
+Qwen2-57B-A14B (Hugging Face Qwen2MoeForCausalLM) in JAX: generation, chat and an OpenAI-compatible server on
+CPU, GPU or TPU, sharded over a device mesh (--mesh) and optionally quantized (--quantize int8|fp8|int8:BLOCK);
+conversion to Orbax, parity against transformers, benchmarks, and ahead-of-time compiles for accelerators this
+machine lacks. Checkpoints are local directories, a Hugging Face one (config.json, *.safetensors,
+tokenizer.json) or one `qwen2-jax convert` wrote; to fetch the model:
+  huggingface-cli download Qwen/Qwen2-57B-A14B-Instruct --local-dir DIR
+Start with `qwen2-jax demo` (a small random-weight model, nothing downloaded). Bad input ends with one line on
+stderr and exit status 2 (QWEN2_JAX_DEBUG=1 shows the traceback)."""
+
+# name -> (the module with its flags, one line for the list of commands)
 COMMANDS = {
-    "demo": ("qwen2_jax.tools.demo", "chat with a small random-weight Qwen2-MoE and the real Qwen tokenizer (no download)"),
+    "demo": ("qwen2_jax.cli.demo", "one chat turn with a small random-weight Qwen2-MoE and the real tokenizer; "
+             "nothing to download"),
     "generate": ("qwen2_jax.cli.generate", "generate text from a prompt, streamed to stdout"),
-    "chat": ("qwen2_jax.cli.generate", "multi-turn terminal chat (/reset clears history; Ctrl-C stops an answer)"),
-    "convert": ("qwen2_jax.convert.cli", "convert a Hugging Face safetensors checkpoint to Orbax"),
-    "bench": ("qwen2_jax.tools.bench", "benchmark the JAX port against transformers on the same weights"),
-    "aot": ("qwen2_jax.tools.aot", "compile a step for an H200, H100 or TPU slice without one and read what it moves"),
-    "parity": ("qwen2_jax.tools.parity", "this port against transformers on a checkpoint, op by op and layer by layer"),
-    "serve": ("qwen2_jax.inference.serving.server", "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
+    "chat": ("qwen2_jax.cli.generate", "multi-turn terminal chat (/reset clears the history, Ctrl-C stops an answer)"),
+    "serve": ("qwen2_jax.cli.serve", "an OpenAI-compatible HTTP server with continuous batching (the serve extra)"),
+    "convert": ("qwen2_jax.cli.convert",
+                "convert a Hugging Face safetensors checkpoint to Orbax, optionally quantized"),
+    "parity": ("qwen2_jax.cli.parity", "this port against transformers on a checkpoint, op by op and layer by layer"),
+    "bench": ("qwen2_jax.cli.bench", "benchmark this port against transformers on the same weights"),
+    "aot": ("qwen2_jax.cli.aot", "compile a step for an H200, H100 or TPU slice without one and read what it moves"),
 }
 
 
@@ -64,11 +80,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qwen2-jax", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(name, p)
+    """The whole command line; builds without importing jax (the command modules import it when they run)."""
+    parser = _Parser(prog="qwen2-jax", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Run `qwen2-jax COMMAND --help` for what a command reads, writes and its flags.")
+    parser.add_argument("--version", action="version", version=f"qwen2-jax {__version__}",
+                        help="print the version (qwen2-jax %s) and exit" % __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.DESCRIPTIONS[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(name, p)
     return parser
 
 

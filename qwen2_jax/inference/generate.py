@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
-import os
 from typing import Iterator, Sequence
 
 import jax
@@ -58,6 +56,15 @@ def chunk_length(prefill_chunk: int, batch: int) -> int:
     """A prefill chunk's length per row: ``prefill_chunk`` tokens a step in all, so that neither a longer
     prompt nor a larger batch makes a step's activations larger (a power of two, at least 16)."""
     return max(MIN_PROMPT_BUCKET, 1 << (max(prefill_chunk // batch, 1).bit_length() - 1))
+
+
+def padded_prompt_length(longest: int, chunk: int) -> int:
+    """The length a batch's prompts are left-padded to when the longest has ``longest`` tokens: a power of two
+    (at least ``MIN_PROMPT_BUCKET``), or past one chunk of ``chunk`` tokens (``chunk_length``) whole chunks.
+    The compiled prefill and decode programs are one per such length (for given batch and max_new_tokens)."""
+    if bucket(longest, MIN_PROMPT_BUCKET) > chunk:
+        return -(-longest // chunk) * chunk
+    return bucket(longest, MIN_PROMPT_BUCKET)
 
 
 def cache_length(n: int, context: int, chunk: int) -> int:
@@ -316,7 +323,7 @@ def _prepare(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repet
     # same compiled chunk step one after another.
     chunk = chunk_length(prefill_chunk, b)
     chunked = bucket(longest, MIN_PROMPT_BUCKET) > chunk
-    t = -(-longest // chunk) * chunk if chunked else bucket(longest, MIN_PROMPT_BUCKET)
+    t = padded_prompt_length(longest, chunk)
     ids = np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), bool)
     for i, p in enumerate(prompts):  # left padding: every row's last token sits at slot t - 1

@@ -248,7 +248,7 @@ def embedded_config_path(name: str) -> str:
     """Path of a config shipped with the package (see qwen2_jax/configs/)."""
     if name not in EMBEDDED:
         raise ConfigError(f"no embedded config {name!r}; known: {sorted(EMBEDDED)}")
-    return os.path.join(os.path.dirname(__file__), "configs", EMBEDDED[name])
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", EMBEDDED[name])  # qwen2_jax/configs
 
 
 def load_config(name_or_path: str) -> Qwen2MoeConfig:

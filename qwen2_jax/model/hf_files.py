@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import ml_dtypes
@@ -19,6 +20,32 @@ from qwen2_jax.errors import Qwen2JaxError
 
 class CheckpointError(Qwen2JaxError):
     """A checkpoint that cannot be loaded; the message names the file or tensor and what is wrong."""
+
+
+# owner/name, as a Hugging Face Hub repository id is written
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_checkpoint_dir(path) -> str:
+    """``path`` as a string if it is a local directory with a config.json; else a CheckpointError saying which
+    of these it is: a path that does not exist (one that looks like a Hub id, ``owner/name``, with how to
+    download it: this project reads local directories only), a file, or a directory that is no checkpoint."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        owner = path.split("/")[0]
+        if _HUB_ID.fullmatch(path) and not os.path.isdir(owner):
+            raise CheckpointError(
+                f"{path}: no such directory; it looks like a Hugging Face Hub id, but qwen2-jax reads local "
+                f"checkpoint directories only: download it with `huggingface-cli download {path} --local-dir DIR` "
+                f"and pass DIR")
+        raise CheckpointError(f"{path}: does not exist (expected a checkpoint directory)")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory: it is a file (pass the directory that holds "
+                              f"config.json and the weights)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: a directory but not a checkpoint: no config.json (expected a Hugging Face "
+                              f"checkpoint, config.json and *.safetensors, or a directory qwen2-jax convert wrote)")
+    return path
 
 
 DTYPES = {

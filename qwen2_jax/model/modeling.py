@@ -25,7 +25,6 @@ from . import moe
 from .attention import attention, blocks_to_visit
 from .cache import KVCache
 from .config import Qwen2MoeConfig
-from qwen2_jax.errors import InputError
 from .matmul import product
 from .quant import QuantConfig, operand, scale_shape
 

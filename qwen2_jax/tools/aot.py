@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
-import sys
 import time
 
 from qwen2_jax.errors import Qwen2JaxError
 
-TARGETS_DIR = os.path.join(os.path.dirname(__file__), "targets")
+TARGETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "targets")  # qwen2_jax/targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +219,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
-    """Compiles the step ``req`` names for its target and returns the figures (see the module docstring)."""
+def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> dict:
+    """Compiles the step ``req`` names for its target and returns the figures (see the module docstring).
+    ``progress``: called with a line naming each stage as it begins (building the abstract model, lowering,
+    compiling, analysing), so that a command can say what the minute of a full-size compile is spent on."""
+    say = progress or (lambda line: None)
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -252,6 +253,8 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     dtype = resolve_dtype(req.dtype)
     itemsize = jnp.dtype(dtype).itemsize
     devs = devices(target)
+    say(f"building the abstract model ({req.config}, {req.dtype}" + (f", {req.quantize}" if req.quantize else "")
+        + f") on {len(devs)} {target.name} device{'s' if len(devs) > 1 else ''}")
     from qwen2_jax.sharding import make_mesh
     from qwen2_jax.sharding.rules import batch_sharding, cache_shardings, param_shardings, replicated
 
@@ -305,6 +308,8 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     active = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=by_batch)
     cache_sharding = cache_shardings(cfg, mesh, b) if mesh is not None else None
     static = dict(sampler=sampler, platform=platform)
+    step = f"serve-{kind}" if kind else "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
+    say(f"lowering the {step} step, batch {b}" + (f", {req.prompt_len}-token prompts" if req.prompt_len else ""))
 
     start = time.perf_counter()
     if kind:
@@ -332,6 +337,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
         stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
         lowered = gen._decode_jit.lower(graphdef, params, None, state, controls, stop, **static)
     fits_error = None
+    say(f"compiling for {target.name} (XLA; about a minute for the full model)")
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over its HBM with RESOURCE_EXHAUSTED
@@ -339,8 +345,6 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
             raise
         compiled, fits_error = None, _first_line(e)
     compile_s = time.perf_counter() - start
-    if not kind:
-        step = "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
     result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
                   devices=len(devs) if mesh is not None else 1, batch=b, step=step, prompt_len=req.prompt_len,
                   chunks=chunks or None, cache_len=max_len, dtype=req.dtype, config=req.config,
@@ -363,6 +367,7 @@ def compile_step(req: Request, dump_hlo: str | None = None) -> dict:
     if compiled is None:
         result.update(fits=False, error=fits_error)
         return result
+    say("analysing the compiled program (memory, and the optimized HLO's bytes, kernels and collectives)")
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     if dump_hlo:
@@ -439,61 +444,3 @@ def format_table(results: list[dict]) -> str:
     out.append("(GB = 1e9 bytes, per device; est_tokens_per_s: the step's tokens over the slower of its bytes at the "
                "HBM bandwidth and its FLOPs at the peak rate, an estimate)")
     return "\n".join(out)
-
-
-def add_arguments(name: str, parser) -> None:
-    parser.add_argument("--target", default="h200", choices=sorted(TARGETS), help="the accelerator to compile for")
-    parser.add_argument("--mesh", default=None, metavar="SPEC",
-                        help="device mesh over the target's devices, e.g. 'expert=4' (default: one device on a "
-                             "GPU target, the recommended mesh over all devices on a TPU slice)")
-    parser.add_argument("--batch", type=_positive, action="append", default=None,
-                        help="batch size (repeat the flag for several; default 1)")
-    parser.add_argument("--prompt-len", type=_positive, default=None, metavar="N",
-                        help="compile the prefill of N-token prompts instead of the decode step")
-    parser.add_argument("--cache-len", type=_positive, default=None, metavar="N",
-                        help="KV cache slots (default: 4096 for decode; for a prefill, what generate allocates)")
-    parser.add_argument("--prefill-chunk", type=_positive, default=None, metavar="N",
-                        help="tokens a prefill step takes at a time (default: generate's, 2048)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--quantize", default=None, metavar="TYPE",
-                        help="weight-only quantization of the projections: int8, fp8 or int8:BLOCK (docs/quantization.md)")
-    parser.add_argument("--config", default="qwen2-57b-a14b-instruct",
-                        help="an embedded config name or a config.json (default: the full Qwen2-57B-A14B)")
-    parser.add_argument("--engine", nargs="?", const=True, default=False, choices=ENGINE_STEPS, metavar="STEP",
-                        help="compile a step of the serving engine (qwen2-jax serve) instead of generate's: decode "
-                             "(over --batch of --slots rows), prefill (packed prompts, --prompt-len tokens), piece "
-                             "(--prompt-len tokens of a long or partly cached prompt, over its row) or reuse (a "
-                             "row's prefix copied into a slot); alone: prefill with --prompt-len, else decode")
-    parser.add_argument("--slots", type=_positive, default=None, metavar="N",
-                        help="with --engine: the engine's decode slots (default: the batch)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON ('-': stdout)")
-    parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each optimized HLO text to DIR")
-
-
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def run(name, args) -> int:
-    results = [compile_step(Request(target=args.target, mesh=args.mesh, batch=b, prompt_len=args.prompt_len,
-                                    cache_len=args.cache_len, dtype=args.dtype, config=args.config,
-                                    prefill_chunk=args.prefill_chunk, quantize=args.quantize, engine=args.engine,
-                                    slots=args.slots),
-                            dump_hlo=args.dump_hlo)
-               for b in (args.batch or [1])]
-    if args.json == "-":
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
-        return 0
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0

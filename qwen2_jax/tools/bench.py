@@ -33,8 +33,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 from qwen2_jax.errors import InputError
 
 QUARTER = "qwen2-57b-a14b-quarter"
@@ -46,31 +44,6 @@ RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_hf_runn
 # The issue's CPU targets, as ratios JAX / transformers (time to first token: transformers / JAX).
 TARGETS = {"decode_b1": 3.0, "decode_b8": 4.0, "ttft": 1.3}
 FLOOR_TARGET = 2.0  # batch-1 decode step within this factor of its memory-bandwidth floor
-
-
-def add_arguments(name, parser):
-    parser.add_argument("--config", default=QUARTER,
-                        help=f"embedded config name, config.json path, or 'tiny' (default {QUARTER})")
-    parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    parser.add_argument("--checkpoint", default=None,
-                        help="an HF checkpoint directory to use (default: a random one, written once to --work-dir)")
-    parser.add_argument("--work-dir", default=None,
-                        help="where the random checkpoint is kept (default ~/.cache/qwen2-jax/bench)")
-    parser.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated (default 1,8)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="decode prompt length (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode run (default 32)")
-    parser.add_argument("--prefill-len", type=int, default=512,
-                        help="prompt length for prefill and time to first token (default 512)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating JAX/HF rounds; medians reported")
-    parser.add_argument("--no-hf", action="store_true", help="measure the JAX side only")
-    parser.add_argument("--quantize", default=None, metavar="TYPE",
-                        help="the JAX side with weight-only quantization (int8, fp8, int8:BLOCK); transformers stays "
-                             "float32")
-    parser.add_argument("--hf-python", default=sys.executable,
-                        help="Python interpreter with torch and transformers for the HF side (default: this one)")
-    parser.add_argument("--json", default="bench.json", help="results file (default bench.json)")
-    parser.add_argument("--plot", default="bench.png", help="tokens/s against batch size (default bench.png; "
-                        "'' for none)")
 
 
 # ---- the decode step's bytes and the machine's bandwidth ----------------------------------------------------
@@ -105,6 +78,7 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, threads: int | No
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     threads = threads or len(os.sched_getaffinity(0))
     x = jnp.ones((nbytes // 4,), jnp.float32)
@@ -129,7 +103,7 @@ def _bandwidth_in_subprocess() -> dict:
     """The bandwidth, measured in a child process so that its 1 GiB array does not count in our peak RSS."""
     code = "import json; from qwen2_jax.tools.bench import measure_bandwidth; print(json.dumps(measure_bandwidth()))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"bandwidth measurement failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -177,6 +151,8 @@ def random_checkpoint(cfg, work_dir: str | None) -> str:
 
 def prompts(vocab_size: int, batch: int, length: int, seed: int) -> list[list[int]]:
     """The same token ids for both sides (ids below 100 avoided: nothing special about them, just tidy)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     return rng.integers(min(100, vocab_size // 2), vocab_size, size=(batch, length)).tolist()
 
@@ -387,6 +363,8 @@ def plot(result: dict, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot"
+    import numpy as np
+
     batches = result["batches"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for side, label in (("jax", "JAX port"), ("hf", "transformers")):
@@ -409,42 +387,11 @@ def plot(result: dict, path: str) -> str | None:
     return None
 
 
-# ---- the command ------------------------------------------------------------------------------------------
-def _positive_ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise InputError(f"{flag} must be positive integers separated by commas, got {text!r}")
-    return sorted(set(values))
-
-
-def _check_args(args):
-    for flag in ("prompt_len", "prefill_len", "rounds"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.new_tokens < 2:
-        raise InputError(f"--new-tokens must be >= 2 (decode time is N tokens minus 1 token), got {args.new_tokens}")
-    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
-
-
-def run(name, args) -> int:
-    import jax
-
-    batches = _positive_ints(args.batches, "--batches")
-    _check_args(args)
-    # Compile time is measured cold: the persistent compilation cache (on for the other commands) stays off.
-    cache_was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        return _run(args, batches)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
-
-
-def _run(args, batches) -> int:
+# ---- the run ----------------------------------------------------------------------------------------------
+def benchmark(args, batches: list[int]) -> int:
+    """The whole benchmark ``qwen2-jax bench`` runs (the module docstring), its progress on stderr, the table on
+    stdout, the results to ``args.json`` (and the plot to ``args.plot``). ``args``: the command's options
+    (``qwen2_jax.cli.bench``), checked; ``batches``: the decode batch sizes."""
     import jax
 
     cfg = bench_config(args.config, args.layers)

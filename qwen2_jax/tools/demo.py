@@ -5,6 +5,8 @@ Nothing is downloaded. The first run builds the demo checkpoint in ``$QWEN2_JAX_
 random weights) written as a Hugging Face checkpoint, converted to Orbax, with the tokenizer files built from
 ``qwen.tiktoken`` and Qwen2-Instruct's generation config. Later runs load it from there. The whole path is the
 one a real checkpoint takes: tokenizer, chat template, ``from_pretrained``, streaming generation.
+``hf_checkpoint(DIR, built)`` writes the Hugging Face checkpoint it was converted from (the same weights: they are
+drawn from a fixed seed), for trying ``convert``, ``parity`` or ``serve`` on a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 
-from qwen2_jax.cli import generate as cli_generate
+from qwen2_jax.errors import InputError
 from qwen2_jax.model.config import Qwen2MoeConfig
 from qwen2_jax.model.params import layout_digest
 
 DEMO_VERSION = 1  # bump when the demo checkpoint changes other than in its parameter layout (see demo_dir)
-DEFAULT_PROMPT = "Give me a short introduction to large language models."
-DEFAULT_MAX_NEW_TOKENS = 32
 
 DEMO_CONFIG = Qwen2MoeConfig(
     vocab_size=151936, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
@@ -34,11 +33,6 @@ DEMO_CONFIG = Qwen2MoeConfig(
 GENERATION_CONFIG = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
                      "eos_token_id": [151645, 151643], "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8,
                      "top_k": 20}
-
-
-def add_arguments(name: str, parser) -> None:
-    cli_generate.add_arguments(name, parser)
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached demo checkpoint")
 
 
 def home() -> str:
@@ -55,7 +49,7 @@ def demo_dir() -> str:
 
 def build(directory: str) -> str:
     """Builds the demo checkpoint into ``directory`` (beside it first, then renamed: never half-written)."""
-    from qwen2_jax.convert import convert, write_hf_checkpoint
+    from qwen2_jax.convert import convert
     from qwen2_jax.inference.tokenizer import build_qwen2_tokenizer_files
 
     parent = os.path.dirname(directory)
@@ -64,7 +58,7 @@ def build(directory: str) -> str:
     work = tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=parent)
     try:
         hf = os.path.join(work, "hf")
-        write_hf_checkpoint(DEMO_CONFIG, hf, dtype="float32", seed=0)
+        _write_hf(hf)
         build_qwen2_tokenizer_files(hf)
         with open(os.path.join(hf, "generation_config.json"), "w") as f:
             json.dump(GENERATION_CONFIG, f, indent=2)
@@ -98,25 +92,57 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def run(name: str, args) -> int:
-    cli_generate.check_flags(args)
-    directory = demo_dir()
-    if args.rebuild and os.path.isdir(directory):
-        shutil.rmtree(directory)
-    if not os.path.isdir(directory):
-        print(f"building the demo checkpoint in {directory} (once) ...", file=sys.stderr)
-        build(directory)
-    args.dtype, args.mesh = "float32", None
-    if args.max_new_tokens is None:
-        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    cfg, tokenizer, settings = cli_generate.prepare(args, directory)
-    model = cli_generate.load_model(args, directory, cfg)
-    print("NOTE: this demo model has RANDOM weights (a scaled-down Qwen2-MoE: 2 layers, 8 experts, the real "
-          "151,936-token vocabulary and tokenizer), so its answer is gibberish. It shows the whole path a real "
-          "checkpoint takes: tokenizer, chat template, loading, streaming generation.", file=sys.stderr)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt or DEFAULT_PROMPT}]
-    print(f"user: {messages[-1]['content']}\nassistant: ", end="", flush=True)
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    cli_generate.stream_answer(model, tokenizer, prompt_ids, settings)
-    return 0
+def _write_hf(directory: str) -> None:
+    from qwen2_jax.convert import write_hf_checkpoint
+
+    write_hf_checkpoint(DEMO_CONFIG, directory, dtype="float32", seed=0)
+
+
+# What a Hugging Face checkpoint directory of the demo holds besides its weights (copied from the built one).
+HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def is_demo_hf_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` is a Hugging Face checkpoint ``hf_checkpoint`` wrote for this demo model."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return config == json.loads(json.dumps(DEMO_CONFIG.to_hf_dict())) and all(
+        os.path.isfile(os.path.join(directory, name)) for name in ("model.safetensors", *HF_SIDE_FILES))
+
+
+def check_hf_dir(directory: str) -> None:
+    """An InputError unless ``directory`` is where ``hf_checkpoint`` can write, or has written, the demo's
+    Hugging Face checkpoint: a new or empty directory in an existing one, or that checkpoint."""
+    directory = os.path.abspath(directory)
+    if is_demo_hf_checkpoint(directory):
+        return
+    if os.path.lexists(directory) and not (os.path.isdir(directory) and not os.listdir(directory)):
+        raise InputError(f"--hf-dir {directory}: already exists and is not the demo's Hugging Face checkpoint; "
+                         f"give a new or empty directory")
+    if not os.path.isdir(os.path.dirname(directory)):
+        raise InputError(f"--hf-dir {directory}: no such directory {os.path.dirname(directory)}")
+
+
+def hf_checkpoint(directory: str, built: str) -> bool:
+    """The demo model as a Hugging Face checkpoint in ``directory``: the weights the built Orbax checkpoint
+    ``built`` was converted from, with its tokenizer and generation config. Kept if it is there already
+    (returns False), else written beside it and renamed (returns True): never half-written. Anywhere
+    ``check_hf_dir`` refuses is an InputError."""
+    directory = os.path.abspath(directory)
+    check_hf_dir(directory)
+    if is_demo_hf_checkpoint(directory):
+        return False
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=os.path.dirname(directory))
+    try:
+        _write_hf(work)
+        for name in HF_SIDE_FILES:
+            shutil.copyfile(os.path.join(built, name), os.path.join(work, name))
+        if os.path.isdir(directory):  # empty: replaced
+            os.rmdir(directory)
+        os.rename(work, directory)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return True

@@ -25,11 +25,8 @@ layers at a time.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import re
-import sys
 
 import numpy as np
 
@@ -42,34 +39,16 @@ RANDOM_ROWS = 4  # without --prompts: rows of --length, 3/4, 1/2 and 1/4 of it (
 LAYER_OPS = ("attention", "router", "experts", "shared_expert", "mlp", "residual")
 
 
-def add_arguments(name, parser):
-    parser.add_argument("checkpoint", metavar="HF_DIR", help="a Hugging Face checkpoint directory (safetensors)")
-    parser.add_argument("--prompts", default=None,
-                        help="one prompt per line, tokenized with the checkpoint's tokenizer.json; without one, "
-                             "each line is space-separated token ids (default: random ids, see --length)")
-    parser.add_argument("--length", type=int, default=32, help="tokens of the longest random prompt (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="this port's weights and activations (default float32)")
-    parser.add_argument("--reference", choices=("float64", "float32"), default="float64",
-                        help="transformers' precision (default float64)")
-    parser.add_argument("--layers", type=int, default=None, help="check only the first N decoder layers")
-    parser.add_argument("--json", default=None, metavar="PATH|-", help="write the results as JSON ('-': stdout, "
-                        "the table then goes to stderr)")
-    parser.add_argument("--plot", default=None, metavar="PATH", help="plot error against depth (needs matplotlib)")
-
-
 # ---- inputs -----------------------------------------------------------------------------------------------
 def read_config(directory: str, layers: int | None):
     """The checkpoint's config cut to ``layers`` decoder layers, and its own number of layers."""
     from qwen2_jax.model.config import Qwen2MoeConfig
-    from qwen2_jax.model.hf_files import CheckpointError
+    from qwen2_jax.model.hf_files import CheckpointError, check_checkpoint_dir
     from qwen2_jax.loading import is_orbax_checkpoint
 
     if layers is not None and layers < 1:
         raise InputError(f"--layers is {layers}; expected at least 1")
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a checkpoint directory")
+    check_checkpoint_dir(directory)
     if is_orbax_checkpoint(directory):
         raise CheckpointError(f"{directory}: an Orbax checkpoint; parity needs the Hugging Face safetensors "
                               f"directory, which transformers reads too")
@@ -385,43 +364,24 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(name, args) -> int:
-    directory = args.checkpoint
-    cfg, total = read_config(directory, args.layers)
-    # Fail before the work, not after it.
-    needed = ["torch", "transformers"] + (["matplotlib"] if args.plot else [])
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        raise InputError(f"qwen2-jax parity{' --plot' if missing == ['matplotlib'] else ''} needs {missing[0]}, "
-                         f"which is not installed (pip install -e '.[test]')")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise InputError(f"{flag} {path}: no such directory {os.path.dirname(os.path.abspath(path))}")
-    prompts = read_prompts(args, directory, cfg.vocab_size)
+# ---- the report -------------------------------------------------------------------------------------------
+def report(directory: str, cfg, prompts: list[list[int]], *, dtype: str = "float32", reference: str = "float64",
+           checkpoint_layers: int | None = None) -> dict:
+    """Both sides on ``prompts`` (token ids), from the checkpoint ``directory`` cut to ``cfg`` (``read_config``):
+    the per-op errors, the logits' and the first jump (``compare``); against float64, transformers' own float32
+    errors beside ours."""
     ids, mask = batch(prompts)
-    ours = run_ours(load_ours(directory, cfg, args.dtype), ids, mask)
-    hf = load_transformers(directory, cfg.num_hidden_layers, args.reference)
+    ours = run_ours(load_ours(directory, cfg, dtype), ids, mask)
+    hf = load_transformers(directory, cfg.num_hidden_layers, reference)
     ref = run_transformers(hf, ids, mask)
     ref32 = None
-    if args.reference == "float64":  # transformers' own float32 error, beside ours
+    if reference == "float64":  # transformers' own float32 error, beside ours
         import torch
 
         hf = hf.to(torch.float32)
         hf.set_experts_implementation("grouped_mm")
         ref32 = run_transformers(hf, ids, mask)
     del hf
-    result = {"checkpoint": directory, "layers": cfg.num_hidden_layers, "checkpoint_layers": total,
-              "dtype": args.dtype, "reference": args.reference, "prompts": len(prompts), "input_ids": prompts,
-              **compare(ours, ref, mask, ref32, args.dtype)}
-    text = table(result)
-    print(text, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        out = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(out)
-        else:
-            with open(args.json, "w") as f:
-                f.write(out + "\n")
-    if args.plot:
-        plot(result, args.plot)
-    return 0
+    return {"checkpoint": directory, "layers": cfg.num_hidden_layers,
+            "checkpoint_layers": checkpoint_layers or cfg.num_hidden_layers, "dtype": dtype, "reference": reference,
+            "prompts": len(prompts), "input_ids": prompts, **compare(ours, ref, mask, ref32, dtype)}

@@ -1,7 +1,8 @@
 """``qwen2-jax serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching
 ``engine.Engine``.
 
-    qwen2-jax serve CKPT [--host 127.0.0.1] [--port 8000] [--slots 16] [--max-len 2048] [--mesh SPEC] [--dtype]
+    qwen2-jax serve CKPT [--host 127.0.0.1] [--port 8000] [--slots 16] [--max-len 2048] [--mesh SPEC] [--dtype ..]
+                         [--quantize int8|fp8|int8:BLOCK]
 
 Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or not), ``GET /v1/models``,
 ``/health`` and ``/metrics`` (Prometheus text). The semantics are vLLM's:
@@ -18,20 +19,18 @@ Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or no
 
 Sampling defaults are the checkpoint's ``generation_config.json`` (OpenAI's where it says nothing); beyond
 OpenAI's fields the server takes ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (vLLM's extras).
-fastapi and uvicorn are the ``serve`` extra, imported only by this command.
+fastapi and uvicorn are the ``serve`` extra, imported only by ``serve`` and ``create_app``. The command line is
+``qwen2_jax.cli.serve``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations (``request: Request``,
 # imported inside ``create_app``) as objects.
-import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import uuid
 
-from .engine import DEFAULT_BATCH_WAIT_MS
 from qwen2_jax.errors import InputError
 
 DEFAULT_MAX_LEN = 2048
@@ -422,74 +421,32 @@ def prometheus_text(engine) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---- the command --------------------------------------------------------------------------------------------
-def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    from qwen2_jax.sharding import add_mesh_argument
+# ---- serving ----------------------------------------------------------------------------------------------
+def serve(model, tokenizer, *, name: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16,
+          max_len: int = DEFAULT_MAX_LEN, prefill_chunk: int = 512, max_waiting: int = 256,
+          prefix_caching: bool = True, batch_wait_ms: float | None = None) -> None:
+    """Serves ``model`` as ``name`` on http://HOST:PORT/v1 until the process is stopped: compiles the engine's
+    steps first (saying on stderr what and how long), then runs uvicorn. The settings are ``engine.Engine``'s
+    (checked by ``engine.check_settings``); ``batch_wait_ms`` None is the engine's default."""
+    import uvicorn
 
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face or converted Orbax)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--served-model-name", help="the model name clients pass (default: CKPT as given)")
-    parser.add_argument("--slots", type=int, default=16, help="requests decoded together (default 16)")
-    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
-                        help=f"positions per request, prompt + max_tokens (default {DEFAULT_MAX_LEN}, at most the "
-                             "model's context)")
-    parser.add_argument("--prefill-chunk", type=int, default=512,
-                        help="prompt tokens per prefill call, between two decode steps: whole prompts packed "
-                             "together, a longer one in pieces of this size; a power of two that divides --max-len "
-                             "or is at least it (default 512)")
-    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
-                        help="an idle server lets a request that comes in wait this long for others, so that a burst "
-                             f"is prefilled in full packed calls (default {DEFAULT_BATCH_WAIT_MS:g}; 0: never waits)")
-    parser.add_argument("--max-waiting", type=int, default=256,
-                        help="requests that may wait for a slot; past it the server answers 503 (default 256)")
-    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                        help="prefill every prompt whole; by default a prompt that begins with the tokens of a "
-                             "finished request (the next turn of a conversation) or with another request's prompt "
-                             "reuses their keys and values, kept in the free rows until the least recently used "
-                             "are given up")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
-                        help="weights dtype (default: float32 on CPU, bfloat16 on accelerators)")
-    add_mesh_argument(parser)
+    from .engine import Engine
 
-
-def run(name: str, args) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise InputError("qwen2-jax serve needs fastapi and uvicorn: pip install 'qwen2-jax[serve]'") from None
-    from qwen2_jax.cli.generate import load_model
-    from qwen2_jax.model.config import Qwen2MoeConfig
-    from .engine import Engine, check_settings
-    from qwen2_jax.model.hf_files import CheckpointError
-    from qwen2_jax.inference.tokenizer import load_tokenizer
-
-    if not os.path.isdir(args.checkpoint):
-        raise CheckpointError(f"{args.checkpoint}: not a checkpoint directory")
-    if not 0 <= args.port < 65536:
-        raise InputError(f"--port must be in [0, 65535], got {args.port}")
-    cfg = Qwen2MoeConfig.from_json(args.checkpoint)
-    check_settings(cfg.context_length, flags=True, slots=args.slots, max_len=args.max_len,
-                   prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, batch_wait_ms=args.batch_wait_ms)
-    tokenizer = load_tokenizer(args.checkpoint)
-    model = load_model(args, args.checkpoint, cfg)
+    cfg = model.config
     eos = [*(model.generation_config.eos_token_id if model.generation_config else ()), *cfg.eos_token_id]
     if tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
     start = time.perf_counter()
-    engine = Engine(model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    max_waiting=args.max_waiting, eos_token_ids=tuple(dict.fromkeys(eos)),
-                    prefix_caching=args.prefix_caching, batch_wait_ms=args.batch_wait_ms)
+    wait = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
+    engine = Engine(model, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
+                    eos_token_ids=tuple(dict.fromkeys(eos)), prefix_caching=prefix_caching, **wait)
     engine.start()
     pieces = f", pieces of {', '.join(map(str, engine.piece_sizes))}" if engine.piece_sizes else ""
     print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and prefills of "
           f"{', '.join(map(str, engine.buckets))} tokens packed{pieces} in {time.perf_counter() - start:.1f} s; "
-          f"{args.slots} slots of {args.max_len} positions, prefix caching "
+          f"{slots} slots of {max_len} positions, prefix caching "
           f"{'on' if engine.prefix_caching else 'off'}", file=sys.stderr)
-    name = args.served_model_name or args.checkpoint
     app = create_app(engine, tokenizer, name, model.generation_config)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print(f"serving {name!r} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
     engine.stop()
-    return 0
