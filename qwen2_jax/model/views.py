@@ -31,13 +31,15 @@ class _Rows:
         self.__array_interface__ = {"data": (stack.unsafe_buffer_pointer(), False), "shape": stack.shape,
                                     "typestr": np.dtype(stack.dtype).str, "version": 3}
         self.views: list[weakref.ref] = []
+        if not _EXIT_HOOK:  # the first views made: from now on, release them before exit
+            _EXIT_HOOK.append(atexit.register(_release_before_exit))
         _LIVE.add(self)
 
 
 _LIVE: "weakref.WeakSet[_Rows]" = weakref.WeakSet()  # a _Rows lives until every view of it is released
+_EXIT_HOOK: list = []  # registered once, when the first views are made (importing this module registers nothing)
 
 
-@atexit.register
 def _release_before_exit(timeout_s: float = 5.0) -> None:
     """Releases every view while the interpreter can still run Python. A view's buffer lets go of its numpy
     rows from an XLA thread, which takes the GIL; during interpreter shutdown that thread is stopped mid-way and

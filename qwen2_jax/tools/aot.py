@@ -219,62 +219,59 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> dict:
-    """Compiles the step ``req`` names for its target and returns the figures (see the module docstring).
-    ``progress``: called with a line naming each stage as it begins (building the abstract model, lowering,
-    compiling, analysing), so that a command can say what the minute of a full-size compile is spent on."""
-    say = progress or (lambda line: None)
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Where the step's arrays live: the mesh (None on one device) and the shardings of weights and batch rows."""
+
+    mesh: object
+    params: dict  # parameter path -> sharding
+    by_batch: object  # arrays with the batch first
+    replicated: object
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """The step's sizes, as generate (or the engine) pads them."""
+
+    batch: int
+    t: int  # tokens a row in one call: the padded prompt, one chunk of it, or 1
+    chunks: int  # generate's chunked prefill: how many chunks of ``t`` (0: none)
+    max_len: int  # the cache's length
+
+
+def _placement(req: Request, cfg, devs) -> _Placement:
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    import importlib
-
-    gen = importlib.import_module("qwen2_jax.inference.generate")
-    from . import hlo_cost
-    from qwen2_jax.model import moe
-    from qwen2_jax.model.config import load_config
-    from qwen2_jax.loading import resolve_dtype
-    from qwen2_jax.model.modeling import abstract_model
-    from qwen2_jax.model.params import iter_params, nest
-    from qwen2_jax.model.attention import BLOCK, blocks_to_visit
-    from qwen2_jax.inference.sampling import Sampler, row_keys
-
-    if req.target not in TARGETS:
-        raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
-    target = TARGETS[req.target]
-    kind = _engine_kind(req)
-    from qwen2_jax.model.params import param_dtype
-    from qwen2_jax.model.quant import QuantConfig
-
-    cfg = load_config(req.config)
-    if req.quantize:
-        cfg = cfg.replace(quantization=QuantConfig.parse(req.quantize))
-    dtype = resolve_dtype(req.dtype)
-    itemsize = jnp.dtype(dtype).itemsize
-    devs = devices(target)
-    say(f"building the abstract model ({req.config}, {req.dtype}" + (f", {req.quantize}" if req.quantize else "")
-        + f") on {len(devs)} {target.name} device{'s' if len(devs) > 1 else ''}")
+    from qwen2_jax.model.params import iter_params
     from qwen2_jax.sharding import make_mesh
-    from qwen2_jax.sharding.rules import batch_sharding, cache_shardings, param_shardings, replicated
+    from qwen2_jax.sharding.rules import batch_sharding, param_shardings, replicated
 
-    mesh = None
     if len(devs) > 1 or req.mesh:
         mesh = make_mesh(req.mesh, devices=devs, cfg=cfg)
-    if mesh is not None:
-        pshard = param_shardings(cfg, mesh)
-        by_batch, rep = batch_sharding(mesh), replicated(mesh)
-    else:
-        single = jax.sharding.SingleDeviceSharding(devs[0])
-        pshard = {p.path: single for p, _ in iter_params(cfg)}
-        by_batch = rep = single
+        return _Placement(mesh, param_shardings(cfg, mesh), batch_sharding(mesh), replicated(mesh))
+    single = jax.sharding.SingleDeviceSharding(devs[0])
+    return _Placement(None, {p.path: single for p, _ in iter_params(cfg)}, single, single)
+
+
+def _abstract_params(cfg, dtype, place: _Placement):
+    """The model split into its graph and abstract parameters, each placed in its sharding."""
+    import jax
+    from flax import nnx
+
+    from qwen2_jax.model.modeling import abstract_model
+    from qwen2_jax.model.params import iter_params, nest, param_dtype
 
     model = abstract_model(cfg, dtype=dtype)
-    model.mesh = mesh
+    model.mesh = place.mesh
     graphdef, params = nnx.split(model)
     nnx.replace_by_pure_dict(params, nest((p.path, jax.ShapeDtypeStruct(shape, param_dtype(p, dtype, cfg),
-                                                                         sharding=pshard[p.path]))
+                                                                         sharding=place.params[p.path]))
                                           for p, shape in iter_params(cfg)))
+    return graphdef, params
+
+
+def _shape(req: Request, cfg, kind: str | None, mesh) -> _Shape:
+    gen = importlib.import_module("qwen2_jax.inference.generate")
 
     b = req.batch
     if mesh is not None and b % mesh.shape["data"]:
@@ -294,8 +291,21 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
                                 if req.prompt_len and not kind else max(4096, padded))
     if req.prompt_len and padded > max_len:
         raise AotError(f"--prompt-len {req.prompt_len} exceeds --cache-len {max_len}")
-    platform = moe.canonical_platform(devs[0].platform)
-    sampler = Sampler()  # greedy: the processors cost nothing next to the model
+    return _Shape(b, t, chunks, max_len)
+
+
+def _lower_generate_step(req: Request, cfg, graphdef, params, place: _Placement, shape: _Shape, dtype,
+                         platform: str):
+    """Lowers generate's step: its decode loop, its prefill, or the chunk step of a chunked prefill."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2_jax.inference.sampling import Sampler, row_keys
+    from qwen2_jax.sharding.rules import cache_shardings
+
+    gen = importlib.import_module("qwen2_jax.inference.generate")
+    b, t, mesh, rep, by_batch = shape.batch, shape.t, place.mesh, place.replicated, place.by_batch
+    static = dict(sampler=Sampler(), platform=platform)  # greedy: the processors cost nothing next to the model
     placed = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     controls = jax.eval_shape(lambda: gen.Controls(
         temperature=jnp.ones((b,), jnp.float32), top_p=jnp.ones((b,), jnp.float32),
@@ -307,110 +317,160 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
     positions = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=by_batch)
     active = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=by_batch)
     cache_sharding = cache_shardings(cfg, mesh, b) if mesh is not None else None
-    static = dict(sampler=sampler, platform=platform)
+    if shape.chunks:  # generate's chunk step, run chunks - 1 times before a last chunk like it
+        cache, seen = jax.eval_shape(lambda: gen._new_cache(cfg, b, shape.max_len, dtype))
+        if mesh is not None:
+            cache = jax.tree.map(placed, cache, cache_sharding)
+        cache = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                             placed(x, by_batch if x.ndim else rep), cache)
+        seen = placed(seen, by_batch)
+        return gen._prefill_chunk_jit.lower(graphdef, params, None, cache, seen, ids, mask, positions,
+                                            platform=platform)
+    if req.prompt_len:
+        return gen._prefill_jit.lower(graphdef, params, None, ids, mask, positions, active, controls, None, None,
+                                      max_len=shape.max_len, cache_sharding=cache_sharding, **static)
+    state = jax.eval_shape(lambda p, i, m, pos, a, c: gen._prefill(graphdef, p, None, i, m, pos, a, c, None, None,
+                                                                  max_len=shape.max_len, **static),
+                           params, ids, mask, positions, active, controls)
+    if mesh is not None:  # the decode loop keeps the placement the prefill gave the state
+        state = dataclasses.replace(state, cache=jax.tree.map(placed, state.cache, cache_sharding))
+    state = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                         placed(x, by_batch if x.ndim and x.shape[0] == b else rep), state)
+    stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    return gen._decode_jit.lower(graphdef, params, None, state, controls, stop, **static)
+
+
+def _compile(lowered):
+    """(the compiled program, None), or (None, XLA's reason) when the program does not fit the device."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over its HBM with RESOURCE_EXHAUSTED
+        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+            raise
+        return None, _first_line(e)
+
+
+def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> dict:
+    """Compiles the step ``req`` names for its target and returns the figures (see the module docstring).
+    ``progress``: called with a line naming each stage as it begins (building the abstract model, lowering,
+    compiling, analysing), so that a command can say what the minute of a full-size compile is spent on."""
+    say = progress or (lambda line: None)
+    import jax.numpy as jnp
+
+    from qwen2_jax.loading import resolve_dtype
+    from qwen2_jax.model import moe
+    from qwen2_jax.model.attention import BLOCK, blocks_to_visit
+    from qwen2_jax.model.config import load_config
+    from qwen2_jax.model.quant import QuantConfig
+
+    if req.target not in TARGETS:
+        raise AotError(f"unknown target {req.target!r}; expected one of {', '.join(TARGETS)}")
+    target = TARGETS[req.target]
+    kind = _engine_kind(req)
+    cfg = load_config(req.config)
+    if req.quantize:
+        cfg = cfg.replace(quantization=QuantConfig.parse(req.quantize))
+    dtype = resolve_dtype(req.dtype)
+    devs = devices(target)
+    say(f"building the abstract model ({req.config}, {req.dtype}" + (f", {req.quantize}" if req.quantize else "")
+        + f") on {len(devs)} {target.name} device{'s' if len(devs) > 1 else ''}")
+    place = _placement(req, cfg, devs)
+    mesh = place.mesh
+    graphdef, params = _abstract_params(cfg, dtype, place)
+    shape = _shape(req, cfg, kind, mesh)
+    b, t, chunks, max_len = shape.batch, shape.t, shape.chunks, shape.max_len
+    platform = moe.canonical_platform(devs[0].platform)
     step = f"serve-{kind}" if kind else "prefill-chunk" if chunks else "prefill" if req.prompt_len else "decode"
     say(f"lowering the {step} step, batch {b}" + (f", {req.prompt_len}-token prompts" if req.prompt_len else ""))
 
     start = time.perf_counter()
     if kind:
         lowered, step, t = _engine_step(req, kind, cfg, graphdef, params, mesh, devs[0], dtype, platform, max_len)
-    elif chunks:  # generate's chunk step, run chunks - 1 times before a last chunk like it
-        cache, seen = jax.eval_shape(lambda: gen._new_cache(cfg, b, max_len, dtype))
-        if mesh is not None:
-            cache = jax.tree.map(placed, cache, cache_sharding)
-        cache = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
-                             placed(x, by_batch if x.ndim else rep), cache)
-        seen = placed(seen, by_batch)
-        lowered = gen._prefill_chunk_jit.lower(graphdef, params, None, cache, seen, ids, mask, positions,
-                                               platform=platform)
-    elif req.prompt_len:
-        lowered = gen._prefill_jit.lower(graphdef, params, None, ids, mask, positions, active, controls, None, None,
-                                         max_len=max_len, cache_sharding=cache_sharding, **static)
     else:
-        state = jax.eval_shape(lambda p, i, m, pos, a, c: gen._prefill(graphdef, p, None, i, m, pos, a, c, None, None,
-                                                                      max_len=max_len, **static),
-                               params, ids, mask, positions, active, controls)
-        if mesh is not None:  # the decode loop keeps the placement the prefill gave the state
-            state = dataclasses.replace(state, cache=jax.tree.map(placed, state.cache, cache_sharding))
-        state = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
-                             placed(x, by_batch if x.ndim and x.shape[0] == b else rep), state)
-        stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-        lowered = gen._decode_jit.lower(graphdef, params, None, state, controls, stop, **static)
-    fits_error = None
+        lowered = _lower_generate_step(req, cfg, graphdef, params, place, shape, dtype, platform)
     say(f"compiling for {target.name} (XLA; about a minute for the full model)")
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over its HBM with RESOURCE_EXHAUSTED
-        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
-            raise
-        compiled, fits_error = None, _first_line(e)
-    compile_s = time.perf_counter() - start
+    compiled, fits_error = _compile(lowered)
     result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
                   devices=len(devs) if mesh is not None else 1, batch=b, step=step, prompt_len=req.prompt_len,
                   chunks=chunks or None, cache_len=max_len, dtype=req.dtype, config=req.config,
                   quantize=req.quantize, slots=(req.slots or b) if kind else None,
                   attention=f"xla blockwise, {blocks_to_visit(platform)} key blocks of {BLOCK}",
-                  compile_s=round(compile_s, 1))
+                  compile_s=round(time.perf_counter() - start, 1))
     kv_heads = cfg.num_key_value_heads
     if mesh is not None and cfg.num_key_value_heads % mesh.shape["tensor"] == 0:
         kv_heads //= mesh.shape["tensor"]
     rows = b if kind in (None, "decode") else 1  # the engine packs its prompts into one row; a piece is one row's
     per_dev_batch = rows // (mesh.shape["data"] if mesh is not None else 1)
     tokens = rows * (t if req.prompt_len else 1)  # a step's tokens: the prompt, one chunk of it, or one a row
+    itemsize = jnp.dtype(dtype).itemsize
     if kind == "reuse":  # no token: one row of keys and values read and written
         tokens = 0
         result["roofline_bytes"] = 2 * 2 * cfg.num_hidden_layers * kv_heads * max_len * cfg.head_dim * itemsize
     else:  # a packed piece attends over a cache of its own; generate's prompt, a row's piece over the row
-        result["roofline_bytes"] = roofline_bytes(cfg, pshard, itemsize, tokens, per_dev_batch,
+        result["roofline_bytes"] = roofline_bytes(cfg, place.params, itemsize, tokens, per_dev_batch,
                                                   t if req.prompt_len and not chunks and kind != "piece" else max_len,
                                                   kv_heads)
     if compiled is None:
         result.update(fits=False, error=fits_error)
         return result
     say("analysing the compiled program (memory, and the optimized HLO's bytes, kernels and collectives)")
-    mem = compiled.memory_analysis()
     text = compiled.as_text()
     if dump_hlo:
         os.makedirs(dump_hlo, exist_ok=True)
         name = f"{target.name}-{step}-b{b}" + (f"-t{req.prompt_len}" if req.prompt_len else "") + ".hlo.txt"
         with open(os.path.join(dump_hlo, name), "w") as f:
             f.write(text)
+    result.update(_analyse(compiled.memory_analysis(), text, req, cfg, kind, place, params, dtype, target,
+                           tokens, horizon=t if kind == "prefill" else max_len,
+                           roofline=result["roofline_bytes"], chunks=chunks))
+    return result
+
+
+def _analyse(mem, text: str, req: Request, cfg, kind, place: _Placement, params, dtype, target: Target, tokens: int,
+             horizon: int, roofline: int, chunks: int) -> dict:
+    """The compiled step's memory (``mem``, its ``memory_analysis()``) and what its optimized HLO (``text``) moves
+    and computes, against the ``roofline`` bytes it must move."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2_jax.model.attention import BLOCK
+    from qwen2_jax.model.params import iter_params, param_dtype
+
+    from . import hlo_cost
+
     # The weights are the first entry parameters (the jitted functions take them first, and use every one).
     # A data-dependent loop inside the step runs at most: over attention's key blocks, as many as the cache
-    # holds (the last chunk's); over the distinct experts chosen, once per expert the step's tokens can touch
-    # on a device. The decode loop's body is the step.
-    local_experts = cfg.num_experts // (mesh.shape["expert"] if mesh is not None else 1)
-    horizon = t if kind == "prefill" else max_len  # the engine's packed piece has a cache of its own
+    # holds (the last chunk's; the engine's packed piece has a cache of its own); over the distinct experts
+    # chosen, once per expert the step's tokens can touch on a device. The decode loop's body is the step.
+    local_experts = cfg.num_experts // (place.mesh.shape["expert"] if place.mesh is not None else 1)
     bound = lambda functions: (-(-horizon // BLOCK) if "_attend_blocks" in functions
                                else min(local_experts, tokens * cfg.num_experts_per_tok))
     # (The copy step takes the weights only for jit_step's sake; unused, they are not in its program.)
     weight_params = set() if kind == "reuse" else set(range(len(jax.tree.leaves(params))))
     report = hlo_cost.analyze(text, weight_params, step_loop=not (req.prompt_len or kind),
                               loop_bound=bound)
-    weights = sum(math.prod(pshard[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
+    weights = sum(math.prod(place.params[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
                   for p, shape in iter_params(cfg))
     used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     if kind == "reuse":  # the weights it does not take are on the device all the same
         used += weights
-    result.update(
+    # An estimate, not a measurement: the slower of moving the bytes at the HBM bandwidth and doing the matrix
+    # products at the peak rate (a real step is slower than both).
+    step_s = max(report.bytes / target.bandwidth, report.flops / target.peak_flops)
+    out = dict(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes, weight_bytes=weights,
         fits=used <= target.hbm_bytes, hbm_bytes=target.hbm_bytes,
         bytes_per_step=int(report.bytes), weight_copy_bytes=int(report.weight_copy_bytes),
         kernels_per_step=int(report.count), unknown_trip_loops=report.unknown_trip_loops,
-        collectives=report.collectives)
-    result["x_roofline"] = round(result["bytes_per_step"] / result["roofline_bytes"], 3)
-    result["flops_per_step"] = int(report.flops)
-    # An estimate, not a measurement: the slower of moving the bytes at the HBM bandwidth and doing the matrix
-    # products at the peak rate (a real step is slower than both).
-    step_s = max(result["bytes_per_step"] / target.bandwidth, report.flops / target.peak_flops)
-    result["est_step_ms"] = round(step_s * 1e3, 2)
-    result["est_tokens_per_s"] = round(tokens / step_s, 1) if tokens else None
+        collectives=report.collectives, x_roofline=round(int(report.bytes) / roofline, 3),
+        flops_per_step=int(report.flops), est_step_ms=round(step_s * 1e3, 2),
+        est_tokens_per_s=round(tokens / step_s, 1) if tokens else None)
     if chunks:  # the whole prompt: its chunks one after another (the last one costs about what the others do)
-        result["est_prompt_s"] = round(chunks * step_s, 2)
-    result["top_kernels"] = [dict(name=k.name, kind=k.kind, bytes=int((k.read + k.written) * k.runs), runs=k.runs)
-                             for k in report.top(8)]
-    return result
+        out["est_prompt_s"] = round(chunks * step_s, 2)
+    out["top_kernels"] = [dict(name=k.name, kind=k.kind, bytes=int((k.read + k.written) * k.runs), runs=k.runs)
+                          for k in report.top(8)]
+    return out
 
 
 # ---- the command ------------------------------------------------------------------------------------------
