@@ -39,7 +39,7 @@ def add_arguments(name: str, parser) -> None:
 def run(name: str, args) -> int:
     from qwen2_jax.tools import demo
 
-    from .generate import check_flags, load_model, prepare, stream_answer
+    from .generate import check_flags, load_model, prepare, say_if_compiling, stream_answer
 
     check_flags(args)
     if args.hf_dir:
@@ -65,9 +65,11 @@ def run(name: str, args) -> int:
           "checkpoint takes: tokenizer, chat template, loading, streaming generation.", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt or DEFAULT_PROMPT}]
-    print(f"user: {messages[-1]['content']}\nassistant: ", end="", flush=True)
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    stream_answer(model, tokenizer, prompt_ids, settings)
+    compiled: set[int] = set()  # said before the answer starts, not in the middle of its line
+    say_if_compiling(len(prompt_ids), settings, compiled, sys.stderr)
+    print(f"user: {messages[-1]['content']}\nassistant: ", end="", flush=True)
+    stream_answer(model, tokenizer, prompt_ids, settings, compiled=compiled)
     print(f"the demo checkpoints, to pass to the other commands:\n"
           f"  Orbax:        {directory}   (generate, chat, serve)\n" + (
               f"  Hugging Face: {hf_dir}   (convert, parity, serve)" if hf_dir else
