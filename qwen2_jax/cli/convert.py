@@ -32,9 +32,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 def run(name: str, args: argparse.Namespace) -> int:
     from qwen2_jax.convert import convert
-    from qwen2_jax.model.hf_files import check_checkpoint_dir
 
-    check_checkpoint_dir(args.hf_dir)
     meta = convert(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force, quantize=args.quantize)
     size = meta["source"]["bytes"]
     print(f"converted {meta['source']['tensors']} tensors, {human_bytes(size)} ({meta['dtype']}) in "

@@ -38,7 +38,7 @@ from flax import nnx
 from qwen2_jax.model import moe, views
 from qwen2_jax.model.cache import KVCache
 from qwen2_jax.errors import InputError
-from qwen2_jax.model.generation_config import GenerationConfig  # noqa: F401 (re-exported)
+from qwen2_jax.model.generation_config import GenerationConfig, is_int  # noqa: F401 (GenerationConfig re-exported)
 from .sampling import Sampler, candidates, check_sampling_args, choose, row_keys
 
 MIN_PROMPT_BUCKET = 16
@@ -223,10 +223,6 @@ class _Batch:
     chunk: int = 0  # prefill chunk length when T is several chunks, else 0 (one pass)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)):
         raise InputError("prompts must be lists of token ids, got a string (encode it with the tokenizer first)")
@@ -267,10 +263,10 @@ def fit_context(prompts: list[list[int]], max_new_tokens: int, context: int, tru
 
 def _seeds(seed, n: int) -> list[int]:
     """Row i's seed: ``seed + i`` for an int, else the i-th of a list (so a row's draws never depend on the others)."""
-    if _is_int(seed):
+    if is_int(seed):
         return [(int(seed) + i) % 2**32 for i in range(n)]
     seeds = list(seed) if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, (str, bytes)) else []
-    if len(seeds) != n or not all(_is_int(s) for s in seeds):
+    if len(seeds) != n or not all(is_int(s) for s in seeds):
         raise InputError(f"seed must be an int or a list of {n} ints (one per prompt), got {seed!r}")
     return [int(s) % 2**32 for s in seeds]
 
@@ -306,9 +302,9 @@ def _prepare(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repet
     if eos_token_ids is None:
         eos_token_ids = default_eos_token_ids(model)
     else:
-        eos_token_ids = (eos_token_ids,) if _is_int(eos_token_ids) else eos_token_ids
+        eos_token_ids = (eos_token_ids,) if is_int(eos_token_ids) else eos_token_ids
         if isinstance(eos_token_ids, (str, bytes)) or not isinstance(eos_token_ids, (Sequence, np.ndarray)) or not all(
-                _is_int(e) and 0 <= e < cfg.vocab_size for e in eos_token_ids):
+                is_int(e) and 0 <= e < cfg.vocab_size for e in eos_token_ids):
             raise InputError(f"eos_token_ids must be token ids in [0, {cfg.vocab_size}) (vocab_size), "
                              f"got {eos_token_ids!r}")
     eos = tuple(int(e) for e in eos_token_ids)

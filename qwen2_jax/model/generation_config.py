@@ -12,7 +12,8 @@ import numpy as np
 from .hf_files import CheckpointError
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """A Python or numpy integer, not a bool (token ids and seeds as users pass them)."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -46,7 +47,7 @@ class GenerationConfig:
         values = {k: v for k, v in raw.items() if k in fields and v is not None}
         eos = values.get("eos_token_id", [])
         eos = eos if isinstance(eos, list) else [eos]
-        if not all(_is_int(e) and 0 <= e < 2**31 for e in eos):
+        if not all(is_int(e) and 0 <= e < 2**31 for e in eos):
             raise CheckpointError(f"{file}: not a valid generation config (eos_token_id is "
                                   f"{raw.get('eos_token_id')!r}; expected a token id or a list of them)")
         values["eos_token_id"] = tuple(int(e) for e in eos)
