@@ -30,7 +30,7 @@ import warnings
 
 from .errors import InputError, Qwen2JaxError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
@@ -65,7 +65,7 @@ def __dir__():
     return sorted([*globals(), *_EXPORTS, *_SUBPACKAGES])
 
 
-# Modules that moved in 0.2.0 (CHANGELOG.md): the old import paths still work in this release, with a
+# Modules that moved in 0.2.0 (CHANGELOG.md): the old import paths still work in 0.2 and 0.3, with a
 # DeprecationWarning. ``qwen2_jax.generate`` is not among them: that name is the function.
 MOVED = {
     "qwen2_jax.config": "qwen2_jax.model.config",

@@ -4,16 +4,16 @@ came between), a question about a document that another request is still reading
 document's first request.
 
     python scripts/bench_prefix_cache.py [--config qwen2-57b-a14b-quarter] [--context 1024] [--answer 32]
-        [--new 32] [--repeats 3] [--max-len 2048] [--prefill-chunk 512]
-    python scripts/bench_prefix_cache.py --config tiny --context 48 --new 8 --answer 4 --repeats 1 --max-len 128
+        [--new 32] [--repeats 3] [--max-model-len 2048] [--max-num-batched-tokens 512]
+    python scripts/bench_prefix_cache.py --config tiny --context 48 --new 8 --answer 4 --repeats 1 --max-model-len 128
 
 One ``qwen2_jax.inference.serving.engine.Engine`` (float32, the config's random checkpoint, seed 0, 2 slots). Each repeat, with the
 engine otherwise idle: a first turn of ``--context`` random prompt tokens answered with ``--answer`` tokens
 (greedy); the next turn, that prompt and answer followed by ``--new`` tokens, timed from submission to its first
 token; the same again with another request of ``--context`` tokens (one token asked for) between the two turns,
-which takes the first turn's row (its tokens move aside); then a prompt of the same length sharing nothing with
+which takes free pages (the first turn's stay cached); then a prompt of the same length sharing nothing with
 anything sent before, timed the same way. Then, with
-a reader decoding in the other slot (``--context`` tokens of a document, asking for the rest of ``--max-len``): a
+a reader decoding in the other slot (``--context`` tokens of a document, asking for the rest of ``--max-model-len``): a
 question of the same length, that document followed by ``--answer`` + ``--new`` tokens, sent after the reader's
 first token; and, beside another reader, a prompt of that length sharing nothing. Each reader is aborted once the
 prompt timed beside it has its first token. Then the same question sent together with a first request of its
@@ -44,25 +44,27 @@ def main():
     p.add_argument("--answer", type=int, default=32, help="the first turn's answer tokens (default 32)")
     p.add_argument("--new", type=int, default=32, help="tokens the next turn adds (default 32)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-len", type=int, default=2048, help="the engine's --max-len (default 2048)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="the engine's --prefill-chunk (default 512)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="the engine's --max-model-len (default 2048)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="the engine's --max-num-batched-tokens (default 512)")
     p.add_argument("--work-dir", help="where the random checkpoint is written (default ~/.cache/qwen2-jax/bench)")
     args = p.parse_args()
     for flag in ("context", "answer", "new", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if (need := args.context + args.answer + args.new + 1) > args.max_len:
+    if (need := args.context + args.answer + args.new + 1) > args.max_model_len:
         p.error(f"--context {args.context} + --answer {args.answer} + --new {args.new} + 1 (the token asked for) = "
-                f"{need} exceeds --max-len {args.max_len}")
+                f"{need} exceeds --max-model-len {args.max_model_len}")
 
     cfg = bench_config(args.config)
     try:
-        check_settings(cfg.context_length, flags=True, slots=2, max_len=args.max_len,
-                       prefill_chunk=args.prefill_chunk, max_waiting=0)
+        check_settings(cfg.context_length, flags=True, max_num_seqs=2, max_model_len=args.max_model_len,
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=0)
     except InputError as e:
         p.error(str(e))
     model = qwen2_jax.from_pretrained(random_checkpoint(cfg, args.work_dir), dtype="float32")
-    engine = Engine(model, slots=2, max_len=args.max_len, prefill_chunk=args.prefill_chunk, eos_token_ids=()).start()
+    engine = Engine(model, max_num_seqs=2, max_model_len=args.max_model_len,
+                    max_num_batched_tokens=args.max_num_batched_tokens, eos_token_ids=()).start()
     rng = np.random.default_rng(0)
     fresh = lambda n: rng.integers(100, cfg.vocab_size, n).tolist()
 
@@ -72,11 +74,11 @@ def main():
         return tokens, (request.first_token_at - request.submitted) * 1e3, request.cached_tokens
 
     def beside_a_reader(document, prompt):
-        reader = engine.submit(Request(document, SamplingParams(max_tokens=args.max_len - args.context)))
+        reader = engine.submit(Request(document, SamplingParams(max_tokens=args.max_model_len - args.context)))
         reader.events.get(timeout=3600)  # its first token: the document is in its row, and it decodes on
         timed = first_token(prompt)
         if reader.finished:
-            sys.exit("the reader finished before the prompt timed beside it: raise --max-len")
+            sys.exit("the reader finished before the prompt timed beside it: raise --max-model-len")
         engine.abort(reader)
         reader.result(timeout=3600)
         return timed
@@ -118,7 +120,7 @@ def main():
     finally:
         engine.stop()
     print(f"config {args.config}: prompts of {length} tokens ({args.context} + {args.answer} answered + {args.new} "
-          f"new), {args.repeats} repeats, --max-len {args.max_len} --prefill-chunk {args.prefill_chunk}")
+          f"new), {args.repeats} repeats, --max-model-len {args.max_model_len} --max-num-batched-tokens {args.max_num_batched_tokens}")
     print("| prompt | sent | tokens cached | TTFT best (ms) | TTFT median (ms) |")
     print("|---|---|---|---|---|")
     for kind, ms in times.items():

@@ -108,8 +108,9 @@ def main():
         from qwen2_jax.inference.serving.engine import check_settings
         from qwen2_jax.errors import InputError
         try:  # the engine's own checks, before any process starts
-            check_settings(bench_config(args.config).context_length, slots=args.engine_slots,
-                           max_len=args.engine_max_len, prefill_chunk=args.engine_prefill_chunk, max_waiting=0)
+            check_settings(bench_config(args.config).context_length, max_num_seqs=args.engine_slots,
+                           max_model_len=args.engine_max_len, max_num_batched_tokens=args.engine_prefill_chunk,
+                           max_waiting=0)
         except InputError as e:
             ap.error(str(e))
         return engine_start(args)

@@ -226,14 +226,10 @@ def test_a_bad_generate_flag_is_refused_in_one_line_naming_it(checkpoint, capsys
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--slots", "0"], "--slots must be an integer >= 1, got 0"),
-    (["--max-len", "1"], "--max-len must be an integer >= 2, got 1"),
-    (["--max-len", "100000"], "--max-len 100000 exceeds the model's context of"),
-    (["--prefill-chunk", "8"], "--prefill-chunk must be an integer >= 16, got 8"),
-    (["--max-len", "128", "--prefill-chunk", "100"],
-     "--prefill-chunk 100 must be a power of two that divides --max-len 128 or is at least it"),
-    (["--max-len", "96", "--prefill-chunk", "64"],
-     "--prefill-chunk 64 must be a power of two that divides --max-len 96"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    (["--max-model-len", "1"], "--max-model-len must be at least 2, got 1"),
+    (["--max-model-len", "100000"], "--max-model-len 100000 exceeds the model's context of"),
+    (["--max-num-batched-tokens", "8"], "--max-num-batched-tokens must be at least 16, got 8"),
     (["--max-waiting", "-1"], "--max-waiting must be an integer >= 0, got -1"),
     (["--batch-wait-ms", "-1"], "--batch-wait-ms must be a number of milliseconds in [0, 10000], got -1.0"),
     (["--batch-wait-ms", "nan"], "--batch-wait-ms must be a number of milliseconds in [0, 10000], got nan"),
@@ -574,7 +570,7 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag_with_exit_status_2(capsys)
         cli.main(["aot", "--engine", "copy"])
     assert e.value.code == 2
     assert capsys.readouterr().err == ("qwen2-jax aot: error: argument --engine: invalid choice: 'copy' (choose from "
-                                       "'decode', 'prefill', 'piece', 'reuse')\n")
+                                       "'decode', 'prefill', 'piece')\n")
 
 
 def test_aot_refuses_a_piece_step_without_its_length(capsys):

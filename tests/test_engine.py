@@ -1,7 +1,8 @@
-"""The continuous-batching engine in-process: a request's tokens do not depend on its neighbours, nothing
-compiles after start-up, each slot stops on its own, aborted slots are freed, the queue is bounded, a prompt
-that begins with a row's tokens reuses their keys and values, and a finished request's tokens move aside for the
-next request, the least recently used given up first."""
+"""The continuous-batching engine over a paged KV cache, in-process: a request's tokens do not depend on its
+neighbours, nothing compiles after start-up, each slot stops on its own, aborted requests are freed, the queue is
+bounded, a prompt that begins with the tokens of cached pages shares them (prefix caching, a page at a time), a
+finished request's pages stay cached until the pool needs them, and a request preempted when pages run out still
+gets exactly its tokens."""
 
 import importlib
 import subprocess
@@ -21,6 +22,7 @@ from qwen2_jax.inference.generate import generate
 
 engine_module = importlib.import_module("qwen2_jax.inference.serving.engine")
 MAX_LEN, CHUNK = 256, 64  # prefill buckets 16, 32, 64; prompts past 64 tokens go in pieces
+PAGE = 16  # the engines' block size: a prefix is shared a whole page at a time
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def test_nothing_compiles_after_start_up_under_a_mixed_load(engine):
     results = run_all(engine, prompts, sampled)
     assert [len(tokens) for tokens, _ in results] == [5, 9, 30, 17, 3, 50]
     follow = engine.submit(Request(prompts[3] + results[3][0] + [1] * 20, sampled[2]))  # 80 cached, 21 in a piece
-    assert len(follow.result(timeout=300)[0]) == 30 and follow.cached_tokens == 64 + 17 - 1
+    assert len(follow.result(timeout=300)[0]) == 30 and follow.cached_tokens == 80
     assert (engine_module.TRACES, engine_module.COMPILATIONS) == before
 
 
@@ -159,21 +161,21 @@ def test_a_prompt_that_extends_a_finished_request_reuses_its_cached_tokens_and_g
     penalised = SamplingParams(max_tokens=10, repetition_penalty=1.3)  # the penalty must see the cached tokens
     request = engine.submit(Request(follow, penalised))
     tokens, _ = request.result(timeout=300)
-    assert request.cached_tokens == 40 + 10 - 1  # all but the answer's last token, never fed to a step
+    assert request.cached_tokens == 48  # the full pages of all but the answer's last token (never fed to a step)
     assert tokens == generate(model, [follow], max_new_tokens=10, eos_token_ids=(), repetition_penalty=1.3)[0]
 
 
 def test_the_rest_of_a_prompt_after_its_cached_prefix_goes_in_pieces_when_longer_than_one(engine, model):
     first = prompts_of([90], seed=8)[0]  # itself in pieces (64 + 26)
     answer, _ = run_all(engine, [first], SamplingParams(max_tokens=10))[0]
-    follow = first + answer + prompts_of([81], seed=9)[0]  # 99 cached, 81 more: a piece of 64, one of 32
+    follow = first + answer + prompts_of([81], seed=9)[0]  # 96 cached, 84 more: a piece of 64, one of 32
     request = engine.submit(Request(follow, SamplingParams(max_tokens=8)))
     tokens, _ = request.result(timeout=300)
-    assert request.cached_tokens == 99
+    assert request.cached_tokens == 96
     assert tokens == generate(model, [follow], max_new_tokens=8, eos_token_ids=())[0]
 
 
-def test_a_prompt_that_begins_with_a_running_requests_prompt_copies_it_from_that_busy_row(engine, model):
+def test_a_prompt_that_begins_with_a_running_requests_prompt_shares_its_pages(engine, model):
     document = prompts_of([40], seed=17)[0]
     reader = engine.submit(Request(document, SamplingParams(max_tokens=MAX_LEN - 40)))
     read = reader.events.get(timeout=60)[0]  # a first token: its prompt is in its row, and it decodes on
@@ -183,20 +185,20 @@ def test_a_prompt_that_begins_with_a_running_requests_prompt_copies_it_from_that
     assert not reader.finished  # the 40 tokens came from the row of a request still decoding
     engine.abort(reader)
     read += reader.result(timeout=60)[0]
-    assert asker.cached_tokens == 40
+    assert asker.cached_tokens == 32  # the reader's two full pages
     assert tokens == generate(model, [question], max_new_tokens=10, eos_token_ids=())[0]
-    # The copy left the reader's row as it was: its tokens before and after are generate's.
+    # Sharing left the reader's pages as they were: its tokens before and after are generate's.
     assert len(read) > 10 and read == generate(model, [document], max_new_tokens=len(read), eos_token_ids=())[0]
 
 
-def test_a_prompt_queued_behind_another_with_the_same_head_copies_that_head_once_it_is_written(engine, model):
+def test_a_prompt_queued_behind_another_with_the_same_head_shares_that_head_once_it_is_written(engine, model):
     document = prompts_of([150], seed=19)[0]  # in pieces of 64, 64 and 22, one prompt a call
     question = document + prompts_of([12], seed=20)[0]
     reader = engine.submit(Request(document, SamplingParams(max_tokens=4)))
     asker = engine.submit(Request(question, SamplingParams(max_tokens=6)))  # arrives with it, prefilled after it
     tokens, _ = asker.result(timeout=300)
     assert reader.result(timeout=300)[0] == generate(model, [document], max_new_tokens=4, eos_token_ids=())[0]
-    assert asker.cached_tokens == 150
+    assert asker.cached_tokens == 144
     assert tokens == generate(model, [question], max_new_tokens=6, eos_token_ids=())[0]
 
 
@@ -213,60 +215,82 @@ def test_a_short_shared_head_or_less_than_half_the_prompt_is_prefilled_again(eng
 
 
 @pytest.fixture(scope="module")
-def two_rows(model):
-    engine = Engine(model, slots=2, max_len=64, prefill_chunk=32, eos_token_ids=()).start()
+def small_pool(model):
+    """Three sequences at a time over a pool of 8 pages of 16 (128 tokens): a request of 64 holds 4."""
+    engine = Engine(model, max_num_seqs=3, max_model_len=64, max_num_batched_tokens=32, num_gpu_blocks_override=8,
+                    eos_token_ids=()).start()
     yield engine
     engine.stop()
 
 
 def conversation(engine, seed):
-    """A first turn of 20 tokens answered with 4; -> (the next turn's prompt: 23 tokens its row holds, then 3)."""
-    first = prompts_of([20], seed=seed)[0]
+    """A first turn of 30 tokens answered with 4; -> (the next turn's prompt: 32 tokens in full pages, then 5)."""
+    first = prompts_of([30], seed=seed)[0]
     answer, _ = run_all(engine, [first], SamplingParams(max_tokens=4))[0]
     return first + answer + prompts_of([3], seed=seed + 100)[0]
 
 
-def test_a_finished_requests_tokens_move_aside_for_the_next_request_so_its_next_turn_still_finds_them(two_rows, model):
-    # One request at a time: each takes the lowest row, the one the request before it used.
-    follow = conversation(two_rows, seed=30)
-    moves = two_rows.stats.prefix_cache_moves
-    conversation(two_rows, seed=31)  # another client's request between the two turns
-    request = two_rows.submit(Request(follow, SamplingParams(max_tokens=6)))
+def test_a_finished_requests_pages_stay_cached_while_other_requests_come_and_go(small_pool, model):
+    follow = conversation(small_pool, seed=30)
+    conversation(small_pool, seed=31)  # another client's request between the two turns: free pages were enough
+    request = small_pool.submit(Request(follow, SamplingParams(max_tokens=6)))
     tokens, _ = request.result(timeout=300)
-    assert request.cached_tokens == 23
-    assert two_rows.stats.prefix_cache_moves == moves + 1  # the first turn's; the other row is the next turn's source
+    assert request.cached_tokens == 32
     assert tokens == generate(model, [follow], max_new_tokens=6, eos_token_ids=())[0]
+    assert small_pool.kv_pages_used == 0
 
 
-def test_with_every_row_holding_newer_tokens_the_least_recently_used_are_given_up(two_rows, model):
-    # One request at a time into two rows: b's first turn moved a's tokens aside, c's moved b's over them.
-    a, b, c = (conversation(two_rows, seed) for seed in (32, 33, 34))
-    turns, tokens = [], []
-    for prompt in (a, c, b):  # a's next turn moves c's tokens over b's (older); c's finds them; b's finds nothing
-        turns.append(two_rows.submit(Request(prompt, SamplingParams(max_tokens=4))))
-        tokens.append(turns[-1].result(timeout=300)[0])
-    assert [r.cached_tokens for r in turns] == [0, 23, 0]
-    assert tokens == [generate(model, [p], max_new_tokens=4, eos_token_ids=())[0] for p in (a, c, b)]
+def test_when_the_pool_needs_pages_the_least_recently_freed_are_given_up(small_pool, model):
+    # 3 pages each, freed after every other page (their first two cached): a's last page first, then b's
+    a, b = conversation(small_pool, seed=32), conversation(small_pool, seed=33)
+    run_all(small_pool, prompts_of([56], seed=34), SamplingParams(max_tokens=8))  # 4 pages: 2 older, then a's tail two
+    turns = [small_pool.submit(Request(p, SamplingParams(max_tokens=4))) for p in (b, a)]
+    tokens = [r.result(timeout=300)[0] for r in turns]
+    assert [r.cached_tokens for r in turns] == [32, 0]
+    assert tokens == [generate(model, [p], max_new_tokens=4, eos_token_ids=())[0] for p in (b, a)]
 
 
-def test_under_a_random_load_of_conversations_every_request_gives_generates_tokens_whatever_was_cached(two_rows,
+def test_under_a_random_load_of_conversations_every_request_gives_generates_tokens_whatever_was_cached(small_pool,
                                                                                                      model):
-    """Five conversations taking turns, one at a time and in bursts, through two rows: prefixes copied, tokens
-    moved aside and given up (4 moves and 3 copies in this seed's load), and never a wrong token."""
+    """Five conversations taking turns, one at a time and in bursts, through three sequences and 8 pages: pages
+    shared, given up and preempted, and never a wrong token."""
     rng = np.random.default_rng(40)
     history = prompts_of([16, 18, 20, 22, 24], seed=41)
-    done, hits = [], two_rows.stats.prefix_cache_hits
+    done, hits = [], small_pool.stats.prefix_cache_hits
     for _ in range(10):
         burst = []
         for c in rng.choice(5, size=rng.choice([1, 1, 2, 3]), replace=False):
             prompt = history[c] + rng.integers(0, 512, int(rng.integers(1, 6))).tolist()
-            burst.append((c, two_rows.submit(Request(prompt, SamplingParams(max_tokens=int(rng.integers(2, 6)))))))
+            burst.append((c, small_pool.submit(Request(prompt, SamplingParams(max_tokens=int(rng.integers(2, 6)))))))
         for c, r in burst:
             tokens, _ = r.result(timeout=300)
             done.append((r.prompt, tokens))
             history[c] = (r.prompt + tokens)[-40:] if len(r.prompt) + len(tokens) > 44 else r.prompt + tokens
-    assert two_rows.stats.prefix_cache_hits > hits  # some turns found their conversation cached
+    assert small_pool.stats.prefix_cache_hits > hits  # some turns found their conversation cached
     assert [t for _, t in done] == [generate(model, [p], max_new_tokens=len(t), eos_token_ids=())[0] for p, t in done]
+    assert small_pool.kv_pages_used == 0
+
+
+def test_a_request_preempted_when_pages_run_out_finishes_with_the_tokens_it_would_have_had(small_pool, model):
+    """Three requests that each grow to 4 pages over a pool of 8: the newest is preempted, prefilled again with what
+    it had generated, and goes on; greedy and sampled alike."""
+    prompts = prompts_of([20, 24], seed=42)
+    greedy = SamplingParams(max_tokens=40)
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=3)
+    alone = [run_all(small_pool, [p], params)[0] for p, params in zip(prompts, (greedy, sampled))]
+    before = small_pool.stats.num_preemptions
+    squeeze = small_pool.submit(Request(prompts_of([30], seed=43)[0], SamplingParams(max_tokens=34)))
+    together = run_all(small_pool, prompts, [greedy, sampled])
+    squeeze.result(timeout=300)
+    assert small_pool.stats.num_preemptions > before
+    assert together == alone
+    assert alone[0][0] == generate(model, [prompts[0]], max_new_tokens=40, eos_token_ids=())[0]
+    assert small_pool.kv_pages_used == 0
+
+
+def test_an_engine_whose_pool_cannot_hold_one_sequence_is_refused(model):
+    with pytest.raises(InputError, match="fewer than one sequence of max_model_len 64"):
+        Engine(model, max_num_seqs=2, max_model_len=64, num_gpu_blocks_override=3)
 
 
 def test_an_aborted_requests_delivered_tokens_are_cached_as_its_row_holds_them(engine, model):
@@ -280,7 +304,7 @@ def test_an_aborted_requests_delivered_tokens_are_cached_as_its_row_holds_them(e
     follow = prompt + delivered + [3, 4, 5]
     request = engine.submit(Request(follow, SamplingParams(max_tokens=6)))
     tokens, _ = request.result(timeout=300)
-    assert request.cached_tokens == 30 + len(delivered) - 1
+    assert request.cached_tokens == (30 + len(delivered) - 1) // PAGE * PAGE
     assert tokens == generate(model, [follow], max_new_tokens=6, eos_token_ids=())[0]
 
 
@@ -336,7 +360,7 @@ def test_the_engine_on_a_device_mesh_gives_the_tokens_of_one_device(checkpoint):
             engine = Engine(model, slots=4, max_len=64, prefill_chunk=32, eos_token_ids=()).start()
             requests = [engine.submit(Request(p, SamplingParams(max_tokens=10))) for p in prompts]
             results = [r.result(timeout=300) for r in requests]
-            # The next turn of the 39-token prompt: 48 tokens copied from its row into the lowest free one.
+            # The next turn of the 39-token prompt: its 48 tokens in full pages shared.
             follow = engine.submit(Request(prompts[1] + results[1][0] + [2, 4], SamplingParams(max_tokens=6)))
             out.append((results, follow.result(timeout=300), follow.cached_tokens))
             engine.stop()

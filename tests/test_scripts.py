@@ -64,10 +64,10 @@ def test_compare_checkouts_script_times_the_engine_start_up_with_an_empty_and_a_
 
 def test_compare_checkouts_script_refuses_engine_settings_the_engine_cannot_run_in_one_line():
     proc = subprocess.run([sys.executable, "scripts/compare_checkouts.py", ".", ".", "--config", "tiny",
-                           "--engine-slots", "1", "--engine-max-len", "100"], cwd=ROOT, capture_output=True, text=True,
+                           "--engine-slots", "1", "--engine-max-len", "1"], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "prefill_chunk 100 must be a power of two" in proc.stderr.strip().splitlines()[-1]
+    assert "max_model_len must be an integer >= 2, got 1" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_long_context_memory_script_reports_peak_memory_by_prompt_length():
@@ -132,19 +132,34 @@ def test_bench_serve_script_loads_our_server_at_each_concurrency_in_its_tiny_mod
               str(tmp_path / "serve.json"), "--plot", str(tmp_path / "serve.png"))
     assert "| qwen2-jax | 1 | 4 / 0 |" in out and "| qwen2-jax | 4 | 8 / 0 |" in out
     result = json.loads((tmp_path / "serve.json").read_text())
+    # the KV memory of 4 rows of --max-model-len 64 (8 to 40 prompt tokens + 4 to 12 output tokens fit in 64):
+    # tiny's 2 layers x 2 (keys, values) x 2 KV heads x head_dim 16 x 4 bytes a position, in pages of 16 positions
+    assert result["kv_bytes_per_token"] == 512 and result["kv_cache_memory"] == 4 * 64 * 512
+    assert "--kv-cache-memory 131072" in out and "--disable-log-requests" in out
+    assert result["ours"]["kv_cache_line"].startswith("KV cache: 16 pages of 16 tokens")
     levels = result["servers"]["qwen2-jax"]
-    assert [level["output_tokens"] for level in levels] == [4 * 8, 8 * 8]
-    # the engine's own counters over each level: every prompt prefilled in some call, 8 tokens in 7 steps or more
+    # every request got exactly the tokens it asked for (ignore_eos), its length drawn in [4, 12] from the seed
+    asked = [level["output_tokens_asked"] for level in levels]
+    assert [level["output_tokens"] for level in levels] == asked
+    assert asked == [sum(level["output_lens"]) for level in levels]
+    for level, n in zip(levels, (4, 8)):
+        assert len(level["output_lens"]) == len(level["prompt_lens"]) == n
+        assert all(4 <= k <= 12 for k in level["output_lens"]) and all(8 <= k <= 40 for k in level["prompt_lens"])
+        assert len(set(level["output_lens"])) > 1 and len(set(level["prompt_lens"])) > 1
+    # the engine's own counters over each level: every prompt prefilled in some call, 4 tokens in 3 steps or more;
+    # 4 requests fit in the memory of 4 rows, so none was preempted
     assert [1 <= level["prefill_calls"] <= level["completed"] for level in levels] == [True, True]
-    assert all(level["decode_steps"] >= 7 for level in levels)
+    assert all(level["decode_steps"] >= 3 and level["preemptions"] == 0 for level in levels)
+    assert all(level["kv_pages_total"] == 16 for level in levels)
     assert result["generate_b8_decode_tokens_per_s"] > 0 and os.path.isfile(tmp_path / "serve.png")
 
 
 def test_bench_prefix_cache_script_times_prompts_with_a_finished_moved_running_or_queued_requests_tokens_cached(tmp_path):
     out = run("scripts/bench_prefix_cache.py", "--config", "tiny", "--context", "48", "--answer", "4", "--new", "8",
-              "--repeats", "1", "--max-len", "128", "--prefill-chunk", "32", "--work-dir", str(tmp_path))
-    assert "| next turn | alone | 51 |" in out and "| nothing cached | alone | 0 |" in out  # 48 + 4 answered - 1 unfed
-    assert "| next turn, another request between | alone | 51 |" in out
+              "--repeats", "1", "--max-model-len", "128", "--max-num-batched-tokens", "32", "--work-dir", str(tmp_path))
+    # 48 + 4 answered - 1 unfed = 51 tokens: their 3 full pages of 16
+    assert "| next turn | alone | 48 |" in out and "| nothing cached | alone | 0 |" in out
+    assert "| next turn, another request between | alone | 48 |" in out
     assert "| question on a read document | beside a reader | 48 |" in out
     assert "| question behind its document | sent with another | 48 |" in out
     assert "| nothing shared | beside a reader | 0 |" in out
@@ -152,9 +167,9 @@ def test_bench_prefix_cache_script_times_prompts_with_a_finished_moved_running_o
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--context", "100", "--answer", "20", "--new", "8", "--max-len", "128"),
-     "--context 100 + --answer 20 + --new 8 + 1 (the token asked for) = 129 exceeds --max-len 128"),
-    (("--max-len", "128", "--prefill-chunk", "48"), "--prefill-chunk 48 must be a power of two that divides --max-len"),
+    (("--context", "100", "--answer", "20", "--new", "8", "--max-model-len", "128"),
+     "--context 100 + --answer 20 + --new 8 + 1 (the token asked for) = 129 exceeds --max-model-len 128"),
+    (("--max-model-len", "128", "--max-num-batched-tokens", "8"), "--max-num-batched-tokens must be an integer >= 16"),
     (("--new", "0",), "--new must be >= 1, got 0")])
 def test_bench_prefix_cache_script_refuses_lengths_that_do_not_fit_before_building_anything(tmp_path, flags, message):
     proc = subprocess.run([sys.executable, "scripts/bench_prefix_cache.py", "--config", "tiny", "--context", "48",

@@ -33,6 +33,7 @@ CONFIG = Qwen2MoeConfig(
     head_dim=8, num_experts=4, num_experts_per_tok=2, max_position_embeddings=1024, eos_token_id=(151643,))
 MAX_LEN = 256
 SLOTS, MAX_WAITING = 8, 8  # 16 requests at a time; the 17th is refused
+PAGES = 48  # KV pages of 16 positions: 3 sequences of MAX_LEN, so 8 long streams preempt one another
 END_PROMPT = [{"role": "user", "content": "Say something, then stop."}]  # greedy, it meets an end token (fixture)
 
 
@@ -99,8 +100,10 @@ def server(checkpoint, tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                QWEN2_JAX_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "jax-cache"))
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "qwen2_jax.cli", "serve", path, "--port", str(port), "--slots", str(SLOTS),
-                             "--max-len", str(MAX_LEN), "--prefill-chunk", "64", "--max-waiting", str(MAX_WAITING),
+    proc = subprocess.Popen([sys.executable, "-m", "qwen2_jax.cli", "serve", path, "--port", str(port),
+                             "--max-num-seqs", str(SLOTS), "--max-model-len", str(MAX_LEN),
+                             "--max-num-batched-tokens", "64", "--max-waiting", str(MAX_WAITING),
+                             "--num-gpu-blocks-override", str(PAGES),
                              "--served-model-name", "tiny"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = HTTP(f"http://127.0.0.1:{port}")
@@ -246,20 +249,95 @@ def test_sixteen_concurrent_streams_each_get_the_text_of_their_request_alone(cli
     assert results == alone
 
 
+def test_sixteen_clients_get_generates_tokens_under_preemption_and_with_prefix_hits(client, server, checkpoint,
+                                                                                   tokenizer):
+    """16 concurrent streams of 100 tokens over a pool of 48 pages (8 running need up to 80): requests are
+    preempted and recomputed; half the prompts share a 48-token document (3 pages shared); each text is the text of
+    ``generate``'s tokens for its prompt alone."""
+    model = qwen2_jax.from_pretrained(checkpoint[0], dtype="float32")
+    document = list(range(3000, 3048))
+    prompts = [document + [4000 + i] * (i + 1) if i % 2 else list(range(5000 + 100 * i, 5000 + 100 * i + 10 + 3 * i))
+               for i in range(16)]
+    preempted, hits = metric(server, "num_preemptions_total"), metric(server, "prefix_cache_hits_total")
+    results = [None] * 16
+
+    def stream(i):
+        chunks = client.completions.create(prompt=prompts[i], max_tokens=100, stream=True, extra_body={"ignore_eos": True},
+                                           **GREEDY)
+        results[i] = "".join(c.choices[0].text for c in chunks)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    expected = [tokenizer.decode(t) for t in qwen2_jax.generate(model, prompts, max_new_tokens=100, eos_token_ids=())]
+    assert results == expected
+    assert metric(server, "num_preemptions_total") > preempted
+    assert metric(server, "prefix_cache_hits_total") >= hits + 48  # at least one question found the document
+    assert metric(server, "kv_pages_used") == 0
+
+
+def test_a_random_soak_with_disconnects_ends_with_every_page_free(server):
+    """300 streamed requests of random lengths from 8 clients at once, a fifth of them dropped mid-stream: each of
+    the others ends with a finish reason, and afterwards no request runs or waits and every page is free."""
+    import random
+
+    rng = random.Random(7)
+    plans = [(rng.sample(range(1000, 9000), rng.randint(1, 120)), rng.randint(1, 60), rng.random() < 0.2)
+             for _ in range(300)]
+    finished, errors, lock = [], [], threading.Lock()
+
+    def client_loop(k):
+        for prompt, max_tokens, drop in plans[k::8]:
+            body = dict(GREEDY, prompt=prompt, max_tokens=max_tokens, stream=True, ignore_eos=True)
+            conn, r = server.open("POST", "/v1/completions", body)
+            try:
+                if r.status != 200:
+                    with lock:
+                        errors.append(r.status)
+                    continue
+                reasons = []
+                for n, line in enumerate(r):
+                    if drop and n >= 2:
+                        break  # the client goes away mid-stream
+                    if line.startswith(b"data: {"):
+                        reasons += [c["finish_reason"] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+                if not drop:
+                    with lock:
+                        finished.append(reasons)
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert not errors and len(finished) == sum(not drop for *_, drop in plans)
+    assert all(reasons == ["length"] for reasons in finished)
+    deadline = time.monotonic() + 60
+    while metric(server, "num_requests_running") + metric(server, "num_requests_waiting") > 0 and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(server, "num_requests_running") == metric(server, "num_requests_waiting") == 0
+    assert metric(server, "kv_pages_used") == 0 and server.get("/health")[0] == 200
+
+
 def test_the_next_turn_of_a_chat_reuses_the_cached_conversation_and_usage_says_how_much(client, server, tokenizer):
     system = {"role": "system", "content": "You answer in one short sentence, " + "and politely " * 20}
     first = [system, {"role": "user", "content": "Name a colour."}]
     answer = client.chat.completions.create(messages=first, max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
-    # Another client's request between the turns takes the row the first turn used; its tokens move aside.
-    moves = metric(server, "prefix_cache_moves_total")
+    # Another client's request between the turns takes free pages; the first turn's stay cached.
     client.completions.create(prompt=list(range(2000, 2060)), max_tokens=4, **GREEDY)
-    assert metric(server, "prefix_cache_moves_total") == moves + 1
+    assert metric(server, "kv_pages_used") == 0
     hits = metric(server, "prefix_cache_hits_total")
     second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
                       {"role": "user", "content": "Another?"}]
     reply = client.chat.completions.create(messages=second, max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY)
     cached = reply.usage.prompt_tokens_details.cached_tokens
-    assert len(tokenizer.apply_chat_template(first, tokenize=True)) <= cached < reply.usage.prompt_tokens
+    first_len = len(tokenizer.apply_chat_template(first, tokenize=True))
+    assert first_len // 16 * 16 <= cached < reply.usage.prompt_tokens and cached % 16 == 0  # whole pages of 16
     assert metric(server, "prefix_cache_hits_total") == hits + cached
     assert answer.usage.prompt_tokens_details.cached_tokens == 0
 
@@ -269,16 +347,17 @@ def test_a_question_on_a_document_another_stream_is_still_reading_reuses_that_st
     reading = dict(GREEDY, prompt=document, max_tokens=MAX_LEN - 40, stream=True, ignore_eos=True)
     conn, r = server.open("POST", "/v1/completions", reading)
     try:
-        assert r.readline().startswith(b"data: ")  # the reader streams: its prompt is in its row
+        assert r.readline().startswith(b"data: ")  # the reader streams: its prompt is in its pages
         question = client.completions.create(prompt=document + [7, 8, 9], max_tokens=4, **GREEDY)
         assert metric(server, "num_requests_running") == 1  # the reader is still going
     finally:
         conn.close()
-    assert question.usage.prompt_tokens_details.cached_tokens == 40
+    assert question.usage.prompt_tokens_details.cached_tokens == 32  # its full pages of 16
 
 
-@pytest.mark.parametrize("argv, on", [([], True), (["--no-prefix-caching"], False)])
-def test_no_prefix_caching_reaches_the_engine(checkpoint, monkeypatch, capsys, argv, on):
+@pytest.mark.parametrize("argv, on", [([], True), (["--no-enable-prefix-caching"], False),
+                                      (["--no-enable-prefix-caching", "--enable-prefix-caching"], True)])
+def test_enable_prefix_caching_reaches_the_engine(checkpoint, monkeypatch, capsys, argv, on):
     made = {}
 
     def engine(model, **settings):  # stands in for the engine, and stops the command before it serves
@@ -286,8 +365,8 @@ def test_no_prefix_caching_reaches_the_engine(checkpoint, monkeypatch, capsys, a
         raise InputError("not serving in this test")
 
     monkeypatch.setattr(engine_module, "Engine", engine)
-    assert cli.main(["serve", checkpoint[0], "--max-len", "64", *argv]) == 2
-    assert "not serving in this test" in capsys.readouterr().err and made["prefix_caching"] is on
+    assert cli.main(["serve", checkpoint[0], "--max-model-len", "64", "--port", "0", *argv]) == 2
+    assert "not serving in this test" in capsys.readouterr().err and made["enable_prefix_caching"] is on
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
@@ -376,7 +455,7 @@ def test_metrics_report_requests_latencies_tokens_and_slots_and_nothing_compiles
         client.completions.create(prompt=p, max_tokens=5 + i, temperature=0.5 * i, seed=i, model="tiny")
     text = server.get("/metrics")[2]
     for name in ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds_bucket",
-                 "inter_token_latency_seconds_sum", "prompt_tokens_total", "generation_tokens_total", "slot_usage"):
+                 "inter_token_latency_seconds_sum", "prompt_tokens_total", "generation_tokens_total", "max_num_seqs", "kv_cache_usage_perc"):
         assert f"qwen2_jax_{name}" in text
     assert metric(server, "generation_tokens_total") >= 18 and metric(server, "time_to_first_token_seconds_count") >= 3
     assert metric(server, "compilations_total") == compiled

@@ -86,22 +86,14 @@ def _attend_blocks(q, k, v, valid, q_slots, scale, block, upto, segments=None):
     shape = (b, hkv, g, t)
 
     def step(j, carry):
-        m, l, acc = carry
         k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
         v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=3)
         block_of = lambda a: jax.lax.dynamic_slice_in_dim(a, j * block, block, axis=1)
         seen = _visible(block_of(valid), q_slots, j * block + jnp.arange(block),
                         None if segments is None else (segments[0], block_of(segments[1])))
         scores = jnp.einsum("btkgd,bksd->bkgts", q, k_j, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(seen, scores, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
-        base = jnp.where(jnp.isfinite(m_new), m_new, 0)  # no key seen yet: keep everything at zero
-        p = jnp.exp(scores - base[..., None])
-        rescale = jnp.exp(m - base)
-        l = l * rescale + jnp.sum(p, axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bkgts,bkds->bkgtd", p.astype(v.dtype), v_j,
-                                                    preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        weigh = lambda p: jnp.einsum("bkgts,bkds->bkgtd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+        return online_softmax(carry, scores, seen, weigh)
 
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + (d,), jnp.float32))
@@ -112,6 +104,19 @@ def _attend_blocks(q, k, v, valid, q_slots, scale, block, upto, segments=None):
         m, l, acc = jax.lax.fori_loop(0, stop, step, init)
     out = acc / jnp.where(l > 0, l, 1)[..., None]  # [B, Hkv, G, T, D]; zeros where no key was seen
     return out.transpose(0, 3, 1, 2, 4).astype(v.dtype)  # as the one pass's second product gives it
+
+
+def online_softmax(carry, scores, seen, weigh):
+    """One block of flash attention's online softmax: the running maximum ``m``, sum ``l`` and output ``acc``
+    (``carry``, float32) after the block's ``scores [.., K]`` (where ``seen``); ``weigh(p)``: the block's values
+    weighed by the probabilities ``p``, as ``acc`` is laid out."""
+    m, l, acc = carry
+    scores = jnp.where(seen, scores, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    base = jnp.where(jnp.isfinite(m_new), m_new, 0)  # no key seen yet: keep everything at zero
+    p = jnp.exp(scores - base[..., None])
+    rescale = jnp.exp(m - base)
+    return m_new, l * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + weigh(p)
 
 
 def blocks_to_visit(platform: str) -> str:

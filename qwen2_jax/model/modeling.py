@@ -24,6 +24,7 @@ from flax import nnx
 from . import moe
 from .attention import attention, blocks_to_visit
 from .cache import KVCache
+from .paged_attention import PagedKV
 from .config import Qwen2MoeConfig
 from .matmul import product
 from .quant import QuantConfig, operand, scale_shape
@@ -139,6 +140,10 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x, platform).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x, platform).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x, platform).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if isinstance(cache, PagedKV):  # the serving engine's pages: written, then read, by the cache
+            cache = cache.update(layer, k, v)
+            out = cache.attend(layer, q, platform)
+            return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), platform), cache
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, Hkv, T, D], [B, Hkv, D, T]: the cache's
         start = 0
         if cache is not None:
@@ -316,17 +321,20 @@ class Qwen2MoeForCausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
-        start = cache.index if cache is not None else 0
+        paged = isinstance(cache, PagedKV)  # positions given; the pages say what each query sees
+        start = cache.index if cache is not None and not paged else 0
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        if cache is not None:
+        if paged:
+            valid = None
+        elif cache is not None:
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             cache = dataclasses.replace(cache, valid=valid)
         else:
             valid = attention_mask
         # Over a long cache, the key blocks past the last query need not be visited, where a loop of a
         # data-dependent length is cheap (attention.blocks_to_visit).
-        upto = start + t if cache is not None and blocks_to_visit(platform) == "filled" else None
+        upto = start + t if cache is not None and not paged and blocks_to_visit(platform) == "filled" else None
         segments = None
         if segment_ids is not None:
             segment_ids = jnp.asarray(segment_ids, jnp.int32)
@@ -349,7 +357,7 @@ class Qwen2MoeForCausalLM(nnx.Module):
             h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         weight = self.model.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.operand()  # [V, H]
         logits = product(h, weight, h.dtype, platform, out_dtype=jnp.float32)
-        if cache is not None:
+        if cache is not None and not paged:
             cache = dataclasses.replace(cache, index=cache.index + t)
         router_logits = jnp.stack(routers) if routers and output_router_logits else None
         return Output(logits=logits, cache=cache, router_logits=router_logits)

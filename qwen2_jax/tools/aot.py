@@ -6,10 +6,11 @@ config (``qwen2_jax/targets/``, needs the ``jax-cuda13-plugin``/``-pjrt`` wheels
 deviceless TPU topology (``libtpu``). The function compiled is the real jitted one, on abstract arguments
 placed as ``generate`` places them: the decode loop by default (its body is one step), the prefill with
 ``--prompt-len`` (for a prompt of several chunks, the chunk step it repeats); with ``--engine``, the steps of
-``qwen2-jax serve`` instead (``qwen2_jax.inference.serving.engine``: a decode step over the first ``--batch`` of ``--slots`` rows,
-or the packed prefill of a ``--prompt-len`` piece; ``--engine piece``, the piece of a long or partly cached prompt,
-which attends to its row's earlier tokens; ``--engine reuse``, the copy of a row's cached prefix into a
-slot). Nothing is allocated.
+``qwen2-jax serve`` instead (``qwen2_jax.inference.serving.engine``, over its paged KV cache sized as ``serve`` sizes
+it for the target from ``--max-model-len``, ``--max-num-seqs``, ``--block-size``, ``--gpu-memory-utilization`` or
+``--num-gpu-blocks-override``): a decode step over ``--batch`` sequences of ``--cache-len`` tokens each, or the
+packed prefill of a ``--prompt-len`` piece; ``--engine piece``, the piece of a long or partly cached prompt, which
+attends to the ``--cache-len`` tokens of its pages before it. Nothing is allocated.
 
 From the optimized HLO (``hlo_cost``), per device: ``bytes_per_step`` (read and written by every kernel of
 one step), ``weight_copy_bytes``, ``kernels_per_step``, ``flops_per_step`` and the collectives; from
@@ -21,8 +22,9 @@ and ``est_tokens_per_s`` are estimates from the data sheet's bandwidth and peak 
     qwen2-jax aot --target v5p-8 --mesh expert=4 --batch 64
     qwen2-jax aot --target h200 --prompt-len 2048 --dump-hlo /tmp/hlo
     qwen2-jax aot --target h200 --prompt-len 65536 --config qwen2-57b-a14b-instruct-yarn   # its chunk step
-    qwen2-jax aot --target h200 --engine --slots 64 --batch 16   # the serving engine's decode step, 16 rows busy
-    qwen2-jax aot --target h200 --engine piece --slots 16 --prompt-len 64   # a next turn's 64 tokens
+    qwen2-jax aot --target h200 --engine --config qwen2-57b-a14b-instruct-yarn --max-model-len 65536 \
+        --max-num-seqs 64 --batch 64 --cache-len 2048   # the server's decode step: 64 sequences of 2,048 tokens
+    qwen2-jax aot --target h200 --engine piece --max-num-seqs 16 --prompt-len 64   # a next turn's 64 tokens
 """
 
 from __future__ import annotations
@@ -104,10 +106,15 @@ class Request:
     dtype: str = "bfloat16"
     config: str = "qwen2-57b-a14b-instruct"
     quantize: str | None = None  # "int8", "fp8", "int8:BLOCK": weight-only quantization (qwen2_jax.model.quant)
-    # The serving engine's step (qwen2_jax.inference.serving.engine) instead of generate's: "decode", "prefill" (packed), "piece",
-    # "reuse"; True: "prefill" with a prompt_len, else "decode".
+    # The serving engine's step (qwen2_jax.inference.serving.engine) instead of generate's: "decode", "prefill"
+    # (packed), "piece"; True: "prefill" with a prompt_len, else "decode". Its settings are serve's (vLLM's names).
     engine: bool | str = False
-    slots: int | None = None  # engine: its decode slots (default: batch); a decode step runs over batch of them
+    max_num_seqs: int | None = None  # default: batch; a decode step runs over batch of them
+    max_model_len: int | None = None  # default: the cache length and one token
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    attention_backend: str = "xla"  # the attention over pages: engine.ATTENTION_BACKENDS
 
 
 def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_device: int, cache_len: int,
@@ -139,7 +146,7 @@ def roofline_bytes(cfg, shardings: dict, itemsize: int, tokens: int, batch_per_d
     return total + kv
 
 
-ENGINE_STEPS = ("decode", "prefill", "piece", "reuse")
+ENGINE_STEPS = ("decode", "prefill", "piece")
 
 
 def _engine_kind(req: Request) -> str | None:
@@ -151,67 +158,115 @@ def _engine_kind(req: Request) -> str | None:
         raise AotError(f"unknown engine step {step!r}; expected one of {', '.join(ENGINE_STEPS)}")
     if step in ("prefill", "piece") and not req.prompt_len:
         raise AotError(f"--engine {step} needs --prompt-len (the tokens of its piece)")
-    if step in ("decode", "reuse") and req.prompt_len:
+    if step == "decode" and req.prompt_len:
         raise AotError(f"--engine {step} takes no --prompt-len (got {req.prompt_len})")
     return step
 
 
-def _engine_step(req: Request, kind: str, cfg, graphdef, params, mesh, device, dtype, platform: str, max_len: int):
-    """The serving engine's step ``kind``, lowered: a decode step over the first ``req.batch`` of ``req.slots``
-    slots; the packed prefill of a piece of ``req.prompt_len`` tokens, padded as the engine pads it; the piece
-    (``_prefill``) of a long or partly cached prompt, as long, into one slot's row; or the copy of a
-    row's prefix into a slot (``_reuse``). -> (lowered, step name, the piece's length)."""
+def engine_pool(req: Request, cfg, target: "Target", weight_bytes: int, dtype, tensor: int) -> dict:
+    """The serving engine's KV pool on ``target`` as ``serve`` sizes it (``engine.pool_size``, the weights in use):
+    pages, their bytes on a device, and what sized them."""
+    from qwen2_jax.inference.serving import engine as eng
+
+    pages, per_page, by = eng.pool_size(
+        cfg, dtype, page_size=req.block_size, max_num_seqs=req.max_num_seqs, max_model_len=req.max_model_len,
+        tensor=tensor, num_gpu_blocks_override=req.num_gpu_blocks_override,
+        gpu_memory_utilization=req.gpu_memory_utilization, memory=(target.hbm_bytes, weight_bytes))
+    return dict(num_pages=pages, page_bytes=per_page, sized_by=by)
+
+
+def _engine_step(req: Request, kind: str, cfg, graphdef, params, mesh, device, dtype, platform: str, cache_len: int,
+                 num_pages: int):
+    """The serving engine's step ``kind``, lowered over a pool of ``num_pages`` pages: a decode step over the first
+    ``req.batch`` of ``req.max_num_seqs`` slots, each holding ``cache_len`` tokens (on GPU, the step of that
+    context's bucket); the packed prefill of a piece of ``req.prompt_len`` tokens, padded as the engine pads it; or
+    the piece (``_prefill``) of a long or partly cached prompt into one slot's pages. -> (lowered, step name, the
+    piece's length)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from qwen2_jax.inference.serving import engine as eng
+    from qwen2_jax.inference.serving.runner import BUCKETED, context_buckets
     from qwen2_jax.inference.generate import MIN_PROMPT_BUCKET, bucket
 
-    slots = req.slots or req.batch
-    if req.batch > slots:
-        raise AotError(f"--batch {req.batch} is more rows than the engine's --slots {slots}")
+    slots, size = req.max_num_seqs, req.block_size
     if mesh is not None and slots % mesh.shape["data"]:
-        raise AotError(f"slots {slots} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+        raise AotError(f"--max-num-seqs {slots} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    max_pages = -(-req.max_model_len // size)
+    shape = (cfg, slots, num_pages, size, max_pages, dtype)
     if mesh is not None:
-        shard = eng.state_shardings(cfg, mesh, slots)
+        shard = eng.state_shardings(cfg, mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     else:
         replicated = jax.sharding.SingleDeviceSharding(device)
-        shard = jax.tree.map(lambda _: replicated, eng.abstract_state(cfg, slots, max_len, dtype))
-    state = eng.abstract_state(cfg, slots, max_len, dtype, shard)
+        shard = jax.tree.map(lambda _: replicated, eng.abstract_state(*shape))
+    state = eng.abstract_state(*shape, shard)
     arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
-    static = dict(graphdef=graphdef, platform=platform)
-    keep = arg((slots,), jnp.bool_)
+    if req.attention_backend == "pallas" and platform != "tpu":
+        raise AotError(f"--attention-backend pallas is a TPU kernel; {req.target} is not a TPU")
+    static = dict(graphdef=graphdef, platform=platform, max_len=req.max_model_len, attention=req.attention_backend)
+    keep, new_pages = arg((slots,), jnp.bool_), arg((slots, 2), jnp.int32)
+    contexts = context_buckets(max_pages, size) if platform in BUCKETED else [None]
     # As the engine compiles them: the widest decode step chooses the state's layouts, the others take them.
-    widest = eng.jit_step(eng._decode, eng.state_formats(state), replicated, rows=slots, **static).lower(
-        params, None, state, keep)
-    if kind == "decode" and req.batch == slots:
-        return widest, "serve-decode", 1
-    formats = eng.state_formats(state, chosen=widest.compile().input_formats[0][2])
+    widest = eng.jit_step(eng._decode, eng.state_formats(state), replicated, rows=slots, ctx_pages=contexts[-1],
+                          **static).lower(params, None, state, keep, new_pages)
     if kind == "decode":
-        step = eng.jit_step(eng._decode, formats, replicated, rows=req.batch, **static)
-        return step.lower(params, None, state, keep), "serve-decode", 1
-    if kind == "reuse":
-        scalar = arg((), jnp.int32)
-        step = eng.jit_step(eng._reuse, formats, replicated, **static)
-        return step.lower(params, None, state, scalar, scalar, arg((max_len,), jnp.int32)), "serve-reuse", 0
+        needed = -(-(cache_len + 1) // size)
+        context = next(c for c in contexts if c is None or c >= needed)
+        if req.batch == slots and context == contexts[-1]:
+            return widest, "serve-decode", 1
+        formats = eng.state_formats(state, chosen=widest.compile().input_formats[0][2])
+        step = eng.jit_step(eng._decode, formats, replicated, rows=req.batch, ctx_pages=context, **static)
+        return step.lower(params, None, state, keep, new_pages), "serve-decode", 1
+    formats = eng.state_formats(state, chosen=widest.compile().input_formats[0][2])
     t = bucket(req.prompt_len, MIN_PROMPT_BUCKET)
     p = 1 if kind == "piece" else min(slots, t)  # prompts a piece holds at most, as the engine packs them
     controls = eng.SlotControls(
         temperature=arg((p,), jnp.float32), top_k=arg((p,), jnp.int32), top_p=arg((p,), jnp.float32),
         repetition_penalty=arg((p,), jnp.float32), keys=arg((p,), jnp.uint32), max_tokens=arg((p,), jnp.int32),
         eos=arg((p, eng.MAX_EOS), jnp.int32))
-    piece = arg((1, t), jnp.int32)
+    piece, scalar = arg((1, t), jnp.int32), arg((), jnp.int32)
     if kind == "piece":
         step = eng.jit_step(eng._prefill, formats, replicated, **static)
-        lowered = step.lower(params, None, state, arg((), jnp.int32), piece, arg((1, t), jnp.bool_), piece,
-                             arg((), jnp.int32), arg((), jnp.bool_), controls, arg((), np.uint32))
+        lowered = step.lower(params, None, state, scalar, piece, scalar, piece, arg((max_pages,), jnp.int32),
+                             arg((), jnp.bool_), scalar, arg((cfg.vocab_size,), jnp.bool_), controls,
+                             arg((), np.uint32))
         return lowered, "serve-piece", t
     step = eng.jit_step(eng._prefill_packed, formats, replicated, **static)
     lowered = step.lower(params, None, state, piece, piece, piece, arg((p,), jnp.int32), arg((p,), jnp.int32),
-                         controls, arg((p,), np.uint32))
+                         arg((p, max_pages), jnp.int32), arg((p,), jnp.int32), controls, arg((p,), np.uint32))
     return lowered, "serve-prefill", t
+
+
+def _engine_defaults(req: Request, cache_len: int) -> Request:
+    """``req`` with the engine's settings filled in: as many sequences as the batch, a max model length of the cache
+    and one token; checked as ``serve`` checks them."""
+    from qwen2_jax.inference.serving.engine import check_settings
+
+    req = dataclasses.replace(req, max_num_seqs=req.max_num_seqs or req.batch,
+                              max_model_len=req.max_model_len or cache_len + 1)
+    try:
+        check_settings(10**9, flags=True, max_num_seqs=req.max_num_seqs, max_model_len=req.max_model_len,
+                       block_size=req.block_size, gpu_memory_utilization=req.gpu_memory_utilization,
+                       num_gpu_blocks_override=req.num_gpu_blocks_override)
+    except Qwen2JaxError as e:
+        raise AotError(str(e)) from None
+    if req.batch > req.max_num_seqs:
+        raise AotError(f"--batch {req.batch} is more sequences than the engine's --max-num-seqs {req.max_num_seqs}")
+    if cache_len + 1 > req.max_model_len:
+        raise AotError(f"--cache-len {cache_len} and the next token exceed --max-model-len {req.max_model_len}")
+    return req
+
+
+def _weight_bytes(cfg, place, dtype) -> int:
+    """The weights' bytes on one device."""
+    import jax.numpy as jnp
+
+    from qwen2_jax.model.params import iter_params, param_dtype
+
+    return sum(math.prod(place.params[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
+               for p, shape in iter_params(cfg))
 
 
 def _first_line(e: BaseException) -> str:
@@ -361,6 +416,7 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
     from qwen2_jax.model import moe
     from qwen2_jax.model.attention import BLOCK, blocks_to_visit
     from qwen2_jax.model.config import load_config
+    from qwen2_jax.model.paged_attention import BLOCK_TOKENS
     from qwen2_jax.model.quant import QuantConfig
 
     if req.target not in TARGETS:
@@ -384,8 +440,23 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
     say(f"lowering the {step} step, batch {b}" + (f", {req.prompt_len}-token prompts" if req.prompt_len else ""))
 
     start = time.perf_counter()
+    pool = None
     if kind:
-        lowered, step, t = _engine_step(req, kind, cfg, graphdef, params, mesh, devs[0], dtype, platform, max_len)
+        req = _engine_defaults(req, max_len)
+        tensor = mesh.shape["tensor"] if mesh is not None else 1
+        pool = engine_pool(req, cfg, target, _weight_bytes(cfg, place, dtype), dtype, tensor)
+        needed = -(-(max_len + 1) // req.block_size) * b
+        if pool["num_pages"] < needed:
+            raise AotError(f"the engine's KV pool of {pool['num_pages']} pages ({pool['sized_by']}) holds fewer than "
+                           f"--batch {b} sequences of --cache-len {max_len} ({needed} pages)")
+        try:
+            lowered, step, t = _engine_step(req, kind, cfg, graphdef, params, mesh, devs[0], dtype, platform,
+                                            max_len, pool["num_pages"])
+        except Exception as e:  # noqa: BLE001 - the widest decode step (which lays the pool out) did not fit
+            if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+                raise
+            return dict(target=target.name, batch=b, step=f"serve-{kind}", fits=False, error=_first_line(e),
+                        kv_pages=pool["num_pages"], note="the engine's widest decode step does not fit")
     else:
         lowered = _lower_generate_step(req, cfg, graphdef, params, place, shape, dtype, platform)
     say(f"compiling for {target.name} (XLA; about a minute for the full model)")
@@ -393,9 +464,17 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
     result = dict(target=target.name, mesh=(",".join(f"{a}={n}" for a, n in mesh.shape.items()) if mesh else "single"),
                   devices=len(devs) if mesh is not None else 1, batch=b, step=step, prompt_len=req.prompt_len,
                   chunks=chunks or None, cache_len=max_len, dtype=req.dtype, config=req.config,
-                  quantize=req.quantize, slots=(req.slots or b) if kind else None,
-                  attention=f"xla blockwise, {blocks_to_visit(platform)} key blocks of {BLOCK}",
+                  quantize=req.quantize, attention=(("pallas ragged paged" if req.attention_backend == "pallas" else
+                                                     f"xla paged, blocks of {BLOCK_TOKENS} tokens") if kind else
+                                                    f"xla blockwise, {blocks_to_visit(platform)} key blocks of {BLOCK}"),
                   compile_s=round(time.perf_counter() - start, 1))
+    if kind:
+        tokens_held = pool["num_pages"] * req.block_size
+        result.update(max_num_seqs=req.max_num_seqs, max_model_len=req.max_model_len, block_size=req.block_size,
+                      kv_pages=pool["num_pages"], kv_cache_gb=round(pool["num_pages"] * pool["page_bytes"] / 1e9, 2),
+                      kv_sized_by=pool["sized_by"],
+                      seqs_at_max_model_len=min(req.max_num_seqs, tokens_held // req.max_model_len),
+                      seqs_at_cache_len=min(req.max_num_seqs, pool["num_pages"] // -(-(max_len + 1) // req.block_size)))
     kv_heads = cfg.num_key_value_heads
     if mesh is not None and cfg.num_key_value_heads % mesh.shape["tensor"] == 0:
         kv_heads //= mesh.shape["tensor"]
@@ -403,13 +482,11 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
     per_dev_batch = rows // (mesh.shape["data"] if mesh is not None else 1)
     tokens = rows * (t if req.prompt_len else 1)  # a step's tokens: the prompt, one chunk of it, or one a row
     itemsize = jnp.dtype(dtype).itemsize
-    if kind == "reuse":  # no token: one row of keys and values read and written
-        tokens = 0
-        result["roofline_bytes"] = 2 * 2 * cfg.num_hidden_layers * kv_heads * max_len * cfg.head_dim * itemsize
-    else:  # a packed piece attends over a cache of its own; generate's prompt, a row's piece over the row
-        result["roofline_bytes"] = roofline_bytes(cfg, place.params, itemsize, tokens, per_dev_batch,
-                                                  t if req.prompt_len and not chunks and kind != "piece" else max_len,
-                                                  kv_heads)
+    # A packed piece attends over a cache of its own; generate's prompt, a piece over its sequence's pages; a decode
+    # step over the pages its sequences hold.
+    result["roofline_bytes"] = roofline_bytes(cfg, place.params, itemsize, tokens, per_dev_batch,
+                                              t if req.prompt_len and not chunks and kind != "piece" else max_len,
+                                              kv_heads)
     if compiled is None:
         result.update(fits=False, error=fits_error)
         return result
@@ -421,7 +498,7 @@ def compile_step(req: Request, dump_hlo: str | None = None, progress=None) -> di
         with open(os.path.join(dump_hlo, name), "w") as f:
             f.write(text)
     result.update(_analyse(compiled.memory_analysis(), text, req, cfg, kind, place, params, dtype, target,
-                           tokens, horizon=t if kind == "prefill" else max_len,
+                           tokens, horizon=t if kind == "prefill" else max_len + 1 if kind == "decode" else max_len,
                            roofline=result["roofline_bytes"], chunks=chunks))
     return result
 
@@ -434,6 +511,7 @@ def _analyse(mem, text: str, req: Request, cfg, kind, place: _Placement, params,
     import jax.numpy as jnp
 
     from qwen2_jax.model.attention import BLOCK
+    from qwen2_jax.model.paged_attention import BLOCK_TOKENS
     from qwen2_jax.model.params import iter_params, param_dtype
 
     from . import hlo_cost
@@ -444,16 +522,14 @@ def _analyse(mem, text: str, req: Request, cfg, kind, place: _Placement, params,
     # chosen, once per expert the step's tokens can touch on a device. The decode loop's body is the step.
     local_experts = cfg.num_experts // (place.mesh.shape["expert"] if place.mesh is not None else 1)
     bound = lambda functions: (-(-horizon // BLOCK) if "_attend_blocks" in functions
+                               else -(-horizon // BLOCK_TOKENS) if "paged_attention" in functions
                                else min(local_experts, tokens * cfg.num_experts_per_tok))
-    # (The copy step takes the weights only for jit_step's sake; unused, they are not in its program.)
-    weight_params = set() if kind == "reuse" else set(range(len(jax.tree.leaves(params))))
+    weight_params = set(range(len(jax.tree.leaves(params))))
     report = hlo_cost.analyze(text, weight_params, step_loop=not (req.prompt_len or kind),
                               loop_bound=bound)
     weights = sum(math.prod(place.params[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
                   for p, shape in iter_params(cfg))
     used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    if kind == "reuse":  # the weights it does not take are on the device all the same
-        used += weights
     # An estimate, not a measurement: the slower of moving the bytes at the HBM bandwidth and doing the matrix
     # products at the peak rate (a real step is slower than both).
     step_s = max(report.bytes / target.bandwidth, report.flops / target.peak_flops)

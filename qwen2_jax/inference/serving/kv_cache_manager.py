@@ -1,131 +1,182 @@
-"""Which tokens' keys and values each row of the serving engine's KV cache holds, and their reuse (prefix caching).
+"""Which pages of the KV pool each request holds, and their reuse across requests (vLLM's automatic prefix caching).
 
-The cache has one row of ``max_len`` positions per slot; a request writes the row of the slot it was admitted
-into. A freed slot's row keeps the keys and values of its request's tokens (prompt and generated); a busy row
-holds its request's prompt once the prefill writing it is dispatched (``wrote``). Just before a prompt's first
-prefill call (``reuse_prefix``), a prompt that begins with enough of a row's tokens (at least ``MIN_PREFIX`` and
-half the prompt: a short shared head, such as a system prompt, is cheaper to prefill again packed with other
-prompts) gets that row copied into its slot (the ``_reuse`` step) and prefills only the rest, in pieces attending
-to the copied prefix: the next turn of a conversation prefills only the new message, and a question about a
-document that another request is reading, or that one just ahead of it in the queue is prefilling, prefills only
-the question. A request admitted into a row first moves that row's tokens aside (``move_aside``: copied into the
-free row holding the least, which is nothing, a duplicate, or else the least recently used tokens), so the free
-rows above the busy ones keep the most recent conversations while requests still take the lowest rows.
+The pool has ``num_pages`` pages of ``page_size`` positions (``PagePool``); a request takes pages as its tokens
+arrive (``admit`` for its prompt, ``grow`` one at a time while it decodes) and returns them when it ends
+(``free``). A full page is keyed by the tokens up to its end (its own ``page_size`` tokens and its predecessor's key,
+``commit``): a prompt that begins with the tokens of cached pages shares them (a reference count each, no copy)
+and prefills only the rest. A page no request holds stays cached, free to be taken, and the free pages are taken
+least recently freed first, so a conversation's pages outlive the requests just after it. A request's pages are
+freed last page first: its tail, the least likely to be shared, is given up before its head.
 
-``KVCacheManager`` keeps that bookkeeping on the host and dispatches the copies through the model runner; a paged
-KV cache would replace it behind the same calls.
+Pages are counted taken when the host dispatches a step that writes them; the device runs the steps in order, so
+a page freed here is written by its next owner only after every step that read it for the last one.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import collections
+from typing import Sequence
 
 import numpy as np
 
 from qwen2_jax.inference.generate import MIN_PROMPT_BUCKET
 from .request import Request, Stats
 
-MIN_PREFIX = MIN_PROMPT_BUCKET  # cached tokens a prompt must reuse (and half of it) to skip their prefill
+MIN_PREFIX = MIN_PROMPT_BUCKET  # cached tokens a prompt must find (and half of it) to skip their prefill
+
+
+class PagePool:
+    """``num_pages`` pages: reference counts, the free ones in the order they are to be taken, and the keys of
+    the cached ones."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self.free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_pages))
+        self.refs = np.zeros(num_pages, np.int64)
+        self.key_of: dict[int, tuple] = {}  # page -> its key, while cached
+        self.page_of: dict[tuple, int] = {}  # key -> page
+
+    @property
+    def used(self) -> int:
+        return self.num_pages - len(self.free)
+
+    def take(self) -> int:
+        """A free page, the least recently freed (its cached key forgotten)."""
+        page, _ = self.free.popitem(last=False)
+        if page in self.key_of:
+            del self.page_of[self.key_of.pop(page)]
+        self.refs[page] = 1
+        return page
+
+    def share(self, page: int) -> None:
+        if self.refs[page] == 0:
+            del self.free[page]
+        self.refs[page] += 1
+
+    def release(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            self.free[page] = None  # the most recently freed: taken last
+
+    def cache(self, page: int, key: tuple) -> None:
+        """``page`` holds the tokens of ``key``: a prompt beginning with them may share it (kept: an earlier page
+        with the same tokens)."""
+        if key not in self.page_of and page not in self.key_of:
+            self.page_of[key], self.key_of[page] = page, key
 
 
 class KVCacheManager:
-    """The tokens each of ``slots`` rows holds, and the reuse of them. ``copy_rows(source, slot, prefix)``
-    dispatches the copy of row ``source``'s first ``len(prefix)`` tokens into row ``slot``; ``fits(done, total)``
-    says whether a prompt of ``total`` tokens with ``done`` written can be prefilled in pieces from there. With
-    ``enabled`` False nothing is looked up or moved. Prefix-cache counters go to ``stats``."""
+    """The pages of each request (by ``Request.id``) over a pool of ``num_pages`` pages of ``page_size``; with
+    ``enabled`` False nothing is shared. Prefix-cache counters go to ``stats``."""
 
-    def __init__(self, slots: int, *, enabled: bool, stats: Stats, copy_rows: Callable[[int, int, list[int]], None],
-                 fits: Callable[[int, int], bool]):
-        self.slots, self.enabled, self.stats = slots, enabled, stats
-        self._copy_rows, self._fits = copy_rows, fits
-        # The tokens whose keys and values each row holds, counting only writes already dispatched (the device runs
-        # them before a copy dispatched now): a finished request's prompt and output, a running one's prompt, the
-        # pieces of a prompt dispatched so far, a copied prefix; a row whose new request has written nothing yet
-        # still holds its last request's.
-        self._held: list[np.ndarray] = [np.zeros(0, np.int64)] * slots
-        # When each row's held tokens were last released or copied from: the least recently used are given up first.
-        self._used = np.zeros(slots, np.int64)
-        self._clock = 0
+    def __init__(self, num_pages: int, page_size: int, *, enabled: bool, stats: Stats):
+        self.pool, self.page_size, self.enabled, self.stats = PagePool(num_pages), page_size, enabled, stats
+        self.pages: dict[int, list[int]] = {}
+        self._keys: dict[int, list[tuple]] = {}  # the keys of each request's full pages, as far as committed
 
-    def wrote(self, slot: int, tokens: Sequence[int]) -> None:
-        """A prefill writing ``tokens`` (from position 0) into row ``slot`` is dispatched."""
-        self._held[slot] = np.asarray(tokens)
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
 
-    def release(self, slot: int, tokens: Sequence[int]) -> None:
-        """Row ``slot``'s request is done, the row holding ``tokens``: they stay for reuse, the most recently used.
-        (The row holds the prompt and every token but the last, each fed to a step already read. Idle decode steps
-        write at the row's length, past these, or at its last position when the row is full, which no prompt
-        reuses: a prompt leaves a position for max_tokens, and its last token is always prefilled.)"""
-        self._held[slot] = np.asarray(tokens)
-        self._touch(slot)
+    @property
+    def used(self) -> int:
+        return self.pool.used
 
-    def reuse_prefix(self, prompt: list[int], slot: int) -> int:
-        """Before a prompt's first prefill call: the longest head of it that a row holds, copied into row ``slot``
-        when worth it (``head``); -> how many tokens were (0: none, and the whole prompt is to prefill)."""
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def _key_chain(self, tokens: Sequence[int], known: list[tuple]) -> list[tuple]:
+        """The keys of the full pages of ``tokens``, extending ``known`` (those of its first pages)."""
+        keys = list(known)
+        for i in range(len(keys), len(tokens) // self.page_size):
+            parent = keys[-1] if keys else None
+            keys.append((hash(parent), tuple(tokens[i * self.page_size:(i + 1) * self.page_size])))
+        return keys
+
+    def lookup(self, tokens: Sequence[int]) -> list[int]:
+        """The cached pages ``tokens`` begins with (at most up to its last token, which is always prefilled for
+        its logits), if worth sharing: at least ``MIN_PREFIX`` tokens and half of them (a short shared head is
+        cheaper to prefill again packed with other prompts than in a piece of its own)."""
         if not self.enabled:
-            return 0
-        self.stats.prefix_cache_queries += len(prompt)
-        source, cached = self.head(prompt)
-        if cached:
-            self.stats.prefix_cache_hits += cached
-            self._copy(source, slot, prompt[:cached])
-            self._touch(source)
-        return cached
+            return []
+        pages = []
+        for key in self._key_chain(tokens[:len(tokens) - 1], []):
+            if key not in self.pool.page_of:
+                break
+            pages.append(self.pool.page_of[key])
+        cached = len(pages) * self.page_size
+        return pages if cached >= MIN_PREFIX and 2 * cached >= len(tokens) else []
 
-    def head(self, prompt: list[int]) -> tuple[int, int]:
-        """(row, tokens): the row whose held tokens begin ``prompt`` the furthest, and how many of them to reuse;
-        (-1, 0) if none is worth it. The prompt's last token is always prefilled, for its logits."""
-        ids, best, source = np.asarray(prompt[:-1]), 0, -1
-        for slot, held in enumerate(self._held):
-            n = min(len(held), len(ids))
-            if n > best:
-                differ = np.flatnonzero(held[:n] != ids[:n])
-                if (same := int(differ[0]) if differ.size else n) > best:
-                    best, source = same, slot
-        if best < MIN_PREFIX or 2 * best < len(prompt) or not self._fits(best, len(prompt)):
-            return -1, 0
-        return source, best
+    def admit(self, request: Request, tokens: Sequence[int]) -> int | None:
+        """Pages for ``request`` to prefill ``tokens``: its cached head shared, the rest taken. -> the cached tokens,
+        or None (nothing taken) when the pool lacks the pages."""
+        shared = self.lookup(tokens)
+        free_shared = sum(self.pool.refs[p] == 0 for p in shared)  # sharing takes these off the free list too
+        need = self.pages_for(len(tokens)) - len(shared)
+        if need > len(self.pool.free) - free_shared:
+            return None
+        for page in shared:
+            self.pool.share(page)
+        self.pages[request.id] = shared + [self.pool.take() for _ in range(need)]
+        self._keys[request.id] = self._key_chain(tokens[:len(shared) * self.page_size], [])
+        if self.enabled:
+            self.stats.prefix_cache_queries += len(tokens)
+            self.stats.prefix_cache_hits += len(shared) * self.page_size
+        return len(shared) * self.page_size
 
-    def move_aside(self, admitted: list[tuple[int, Request]], free: Sequence[int]) -> None:
-        """Before new requests write over the rows they were admitted into (``admitted``: (row, request); ``free``:
-        the rows no request holds): the tokens each of those rows holds copied into the free row that holds the
-        least (nothing, tokens another row holds too, else the least recently used), so that a conversation's next
-        turn finds its tokens however many requests came between, while the busy rows stay the lowest (the decode
-        step stays narrow). Not moved: what a row's own new request will reuse, or another row holds too; never
-        over newer tokens, nor over a row a new prompt will copy from."""
-        if not self.enabled:
+    def reshare(self, request: Request, tokens: Sequence[int], cached: int) -> int:
+        """Before ``request``'s first prefill call, its pages taken at admission with ``cached`` tokens found: if more
+        of ``tokens``' head is cached now (a prompt that waited behind another with the same head, which has
+        written it since), those pages are shared instead of its own, which go back unwritten. -> the cached
+        tokens."""
+        shared = self.lookup(tokens)
+        if len(shared) * self.page_size <= cached:
+            return cached
+        pages = self.pages[request.id]
+        for page in shared[cached // self.page_size:]:
+            self.pool.share(page)
+        for page in reversed(pages[cached // self.page_size:len(shared)]):
+            self.pool.release(page)
+        pages[:len(shared)] = shared
+        self._keys[request.id] = self._key_chain(tokens[:len(shared) * self.page_size], [])
+        if self.enabled:
+            self.stats.prefix_cache_hits += len(shared) * self.page_size - cached
+        return len(shared) * self.page_size
+
+    def grow(self, request: Request, length: int) -> int | None:
+        """A page for position ``length - 1`` if ``request`` has none yet: -> its index in the request's table (None
+        if it had one); raises ``PoolExhausted`` when no page is free."""
+        pages = self.pages[request.id]
+        if self.pages_for(length) <= len(pages):
+            return None
+        if not self.pool.free:
+            raise PoolExhausted
+        pages.append(self.pool.take())
+        return len(pages) - 1
+
+    def commit(self, request: Request, tokens: Sequence[int]) -> None:
+        """A step writing ``request``'s ``tokens`` (from position 0) is dispatched: its full pages become cached."""
+        if not self.enabled or request.id not in self.pages:
             return
-        source = {slot: self.head(r.prompt)[0] for slot, r in admitted}  # the row each new prompt will copy from
-        taken, wanted = set(source), set(source.values())
+        keys = self._key_chain(tokens, self._keys[request.id])
+        pages = self.pages[request.id]
+        for i in range(len(self._keys[request.id]), min(len(keys), len(pages))):
+            self.pool.cache(pages[i], keys[i])
+        self._keys[request.id] = keys
 
-        known = {}  # row -> spare(row), until the next move changes what the rows hold
+    def free(self, request: Request) -> None:
+        """``request`` is done (or preempted): its pages return to the pool, last page first."""
+        for page in reversed(self.pages.pop(request.id, [])):
+            self.pool.release(page)
+        self._keys.pop(request.id, None)
 
-        def spare(row: int) -> bool:  # holds nothing that a row no new request writes over does not hold too
-            if row not in known:
-                held, n = self._held[row], len(self._held[row])
-                # The last tokens compared first: most rows differ there, and a full compare is n tokens.
-                known[row] = not n or any(other != row and other not in taken and len(h) >= n and h[n - 1] == held[-1]
-                                          and np.array_equal(h[:n], held) for other, h in enumerate(self._held))
-            return known[row]
+    def table(self, request: Request, width: int) -> np.ndarray:
+        """``request``'s page table row of ``width`` entries (page 0 past its pages: never read)."""
+        row = np.zeros(width, np.int32)
+        pages = self.pages[request.id]
+        row[:len(pages)] = pages
+        return row
 
-        for slot in source:
-            if len(self._held[slot]) < MIN_PREFIX or source[slot] == slot or spare(slot):
-                continue
-            targets = [s for s in free if s not in wanted]
-            if not targets:
-                return
-            target = min(targets, key=lambda s: (not spare(s), self._used[s]))
-            if spare(target) or self._used[target] < self._used[slot]:
-                self._copy(slot, target, self._held[slot])
-                self._used[target] = self._used[slot]
-                self.stats.prefix_cache_moves += 1
-                known.clear()
 
-    def _copy(self, source: int, slot: int, prefix) -> None:
-        """Dispatches the copy of row ``source``'s first ``len(prefix)`` tokens into row ``slot``."""
-        self._copy_rows(source, slot, prefix)
-        self._held[slot] = np.asarray(prefix)
-
-    def _touch(self, row: int) -> None:
-        self._clock += 1
-        self._used[row] = self._clock
+class PoolExhausted(Exception):
+    """No page is free."""

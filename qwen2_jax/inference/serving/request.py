@@ -65,6 +65,8 @@ class Request:
         self.last_token_at: float | None = None
         self.output: list[int] = []  # tokens delivered so far
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        self.seed: int | None = None  # the seed its tokens are drawn with, once chosen
+        self.preemptions = 0  # times its pages were taken back and it waited to be prefilled again
         self.finished = False
 
     def result(self, timeout: float | None = None) -> tuple[list[int], str]:
@@ -85,7 +87,7 @@ class Stats:
     generation_tokens: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, found (their prefill skipped)
-    prefix_cache_moves: int = 0  # rows' tokens moved aside for a request admitted into their row
+    num_preemptions: int = 0  # running requests whose pages were taken back (recomputed later)
     requests_finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     ttft: "Histogram" = None
     itl: "Histogram" = None

@@ -1,11 +1,12 @@
 """``qwen2-jax serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching
 ``engine.Engine``.
 
-    qwen2-jax serve CKPT [--host 127.0.0.1] [--port 8000] [--slots 16] [--max-len 2048] [--mesh SPEC] [--dtype ..]
-                         [--quantize int8|fp8|int8:BLOCK]
+    qwen2-jax serve CKPT [--host 127.0.0.1] [--port 8000] [--max-num-seqs 16] [--max-model-len 2048]
+                         [--max-num-batched-tokens 512] [--block-size 16] [--kv-cache-memory BYTES]
+                         [--api-key KEY] [--disable-log-requests] [--mesh SPEC] [--dtype ..] [--quantize ..]
 
 Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or not), ``GET /v1/models``,
-``/health`` and ``/metrics`` (Prometheus text). The semantics are vLLM's:
+``/health`` and ``/metrics`` (Prometheus text). The semantics are vLLM's, and so are the flags' names:
 
 - a stream's first chat chunk carries the role; exactly one chunk carries ``finish_reason`` ("stop" for an end
   token or a stop string, "length" for max_tokens or the context); with ``stream_options.include_usage`` a last
@@ -14,8 +15,21 @@ Endpoints: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed or no
 - text is detokenised incrementally (``tokenizer.StreamDecoder``: a multi-byte character is never split), and
   text that could still become a stop string is held back until it cannot; the stop string is not returned;
 - bad requests get ``{"error": {"message", "type", "param", "code"}}`` with 400 (never 422), an unknown model
-  404, a full queue 503. A stream whose client goes away aborts its request: the slot is free the next step;
-- ``usage.prompt_tokens_details.cached_tokens``: the prompt tokens found in the engine's prefix cache.
+  404, a full queue 503, a prompt plus max_tokens beyond the max model len 400 naming both numbers. A stream whose
+  client goes away aborts its request: its KV pages are free the next step;
+- ``usage.prompt_tokens_details.cached_tokens``: the prompt tokens found in the engine's prefix cache;
+- with an API key (``--api-key``), the /v1 endpoints answer 401 (an OpenAI-shaped error, code
+  "invalid_api_key") without ``Authorization: Bearer KEY``; /health and /metrics stay open, as vLLM's;
+- a line on stderr per finished request (``--disable-log-requests``: none): its id, prompt, cached and output
+  tokens, time to first token, total time and finish reason;
+- /metrics: requests running and waiting, KV pages used and in all (``kv_cache_usage_perc``: their ratio, 0 to
+  1, as vLLM's), preemptions, prefix cache queries and hits, tokens, finish reasons, latency histograms.
+
+Start-up (``serve``): the socket is bound and listening first (``bind_socket``: the command line does it before it
+loads the checkpoint, so a port in use is refused at once and nothing can take it meanwhile; connections that
+come meanwhile wait in its backlog), then the engine compiles its steps, saying which on stderr, prints its
+summary, and uvicorn takes the socket over; "serving NAME on http://HOST:PORT/v1" is printed once uvicorn
+answers on it.
 
 Sampling defaults are the checkpoint's ``generation_config.json`` (OpenAI's where it says nothing); beyond
 OpenAI's fields the server takes ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (vLLM's extras).
@@ -26,7 +40,11 @@ fastapi and uvicorn are the ``serve`` extra, imported only by ``serve`` and ``cr
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations (``request: Request``,
 # imported inside ``create_app``) as objects.
 import asyncio
+import errno
+import hashlib
 import json
+import secrets
+import socket
 import sys
 import time
 import uuid
@@ -112,15 +130,16 @@ class Protocol:
         for name in ("max_completion_tokens", "max_tokens"):
             value = _field(body, name, int, None, check=lambda v: v >= 1, expect="an integer >= 1")
             max_tokens = value if max_tokens is None else max_tokens
-        room = self.engine.max_len - prompt_len
+        max_model_len = self.engine.max_model_len
+        room = max_model_len - prompt_len
         if max_tokens is None:
             if room < 1:
-                raise APIError(f"This model's maximum context length is {self.engine.max_len} tokens. However, "
+                raise APIError(f"This model's maximum context length is {max_model_len} tokens. However, "
                                f"your prompt has {prompt_len} tokens, which leaves no room for a completion.",
                                param="messages", code="context_length_exceeded")
             max_tokens = room
-        elif prompt_len + max_tokens > self.engine.max_len:
-            raise APIError(f"This model's maximum context length is {self.engine.max_len} tokens. However, you "
+        elif prompt_len + max_tokens > max_model_len:
+            raise APIError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
                            "for the completion). Please reduce the length of the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
@@ -215,7 +234,49 @@ class TextStream:
 
 
 # ---- the app --------------------------------------------------------------------------------------------------
-def create_app(engine, tokenizer, model_name: str, generation_config=None):
+class RequireAPIKey:
+    """ASGI middleware: a request without ``Authorization: Bearer KEY`` gets a 401 with an OpenAI-shaped error.
+
+    Which paths: vLLM checks the key on the paths under /v1 only, leaving /health and /metrics (and its other
+    routes) open, so that load balancers and Prometheus need no key; this server does the same. It keeps open by
+    name the only two routes it has outside /v1, and asks the key of every other path (an unknown one included),
+    read from the ASGI scope's path: not from a URL rebuilt with the Host header, which a client controls. A pure
+    ASGI middleware (not FastAPI's ``@app.middleware``, a BaseHTTPMiddleware), so that it stays out of a stream's
+    way and of the disconnect a handler waits for. The key is compared as vLLM's is: SHA-256 digests, in constant
+    time. CORS preflights (OPTIONS) carry no key and pass, as in vLLM."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app, api_key: str):
+        self.app, self.digest = app, hashlib.sha256(api_key.encode()).digest()
+
+    def authorized(self, scope) -> bool:
+        value = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = value.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(
+            hashlib.sha256(key.strip().encode("latin-1")).digest(), self.digest)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":  # the app has no websocket routes
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            path = path[len(root):] if root and path.startswith(root) else path
+            if path not in self.OPEN and not self.authorized(scope):
+                from starlette.responses import JSONResponse
+
+                given = any(k == b"authorization" for k, _ in scope.get("headers") or ())
+                error = APIError("Incorrect API key provided." if given else
+                                 "You didn't provide an API key: send it in an Authorization header using Bearer "
+                                 "auth (Authorization: Bearer KEY).", status=401, code="invalid_api_key")
+                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine, tokenizer, model_name: str, generation_config=None, *, api_key: str | None = None,
+               log_requests: bool = False):
+    """The FastAPI app over a started ``engine``. ``api_key``: the /v1 endpoints want it (``RequireAPIKey``);
+    ``log_requests``: a line on stderr per finished request (``request_line``)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -224,7 +285,9 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
     from .engine import QueueFull, Request as EngineRequest
 
     protocol = Protocol(engine, tokenizer, model_name, generation_config)
-    app = FastAPI(title="qwen2-jax", docs_url=None, redoc_url=None)
+    app = FastAPI(title="qwen2-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
     created = int(time.time())
 
     def error_response(e: APIError) -> JSONResponse:
@@ -261,7 +324,7 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "qwen2-jax", "max_model_len": engine.max_len}]}
+                                            "owned_by": "qwen2-jax", "max_model_len": engine.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -284,7 +347,15 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
         kind = "chat.completion" if chat else "text_completion"
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         text = TextStream(tokenizer, stop, protocol.special_ids)
-        state = {"generated": 0, "finish": None}
+        state = {"generated": 0, "finish": None, "logged": False}
+
+        def ended():
+            """Frees the request's pages (nothing when it has ended) and logs it, once."""
+            engine.abort(req)
+            if log_requests and not state["logged"]:
+                state["logged"] = True
+                print(request_line(rid, req, state["generated"], state["finish"] or "abort"), file=sys.stderr,
+                      flush=True)
 
         async def pieces():
             """(text, finish_reason or None) as tokens come; aborts the engine request on a stop string."""
@@ -312,7 +383,7 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
                 async for new, _ in _until_disconnected(pieces(), request):
                     out.append(new)
             finally:
-                engine.abort(req)  # nothing when it has ended; frees the slot of a client that went away
+                ended()  # also frees the pages of a client that went away
             content = "".join(out)
             choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                        "finish_reason": state["finish"]} if chat else
@@ -342,8 +413,8 @@ def create_app(engine, tokenizer, model_name: str, generation_config=None):
                 if include_usage:
                     yield chunk([], usage=usage())
                 yield "data: [DONE]\n\n"
-            finally:  # the client went away (the task is cancelled), or it ended: free the slot either way
-                engine.abort(req)
+            finally:  # the client went away (the task is cancelled), or it ended: free the pages either way
+                ended()
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -377,6 +448,15 @@ async def _until_disconnected(pieces, request, poll_s: float = 0.5):
             return
 
 
+def request_line(rid: str, req, output_tokens: int, finish_reason: str) -> str:
+    """The log line of a finished request: one line, ``key=value`` after the id."""
+    now = time.perf_counter()
+    ttft = "-" if req.first_token_at is None else f"{req.first_token_at - req.submitted:.3f}s"
+    return (f"request {rid} finished: prompt_tokens={len(req.prompt)} cached_tokens={req.cached_tokens} "
+            f"output_tokens={output_tokens} ttft={ttft} total={now - req.submitted:.3f}s "
+            f"finish_reason={finish_reason}")
+
+
 def prometheus_text(engine) -> str:
     from .engine import COMPILATIONS
 
@@ -395,10 +475,17 @@ def prometheus_text(engine) -> str:
         samples += [("_sum", h.sum), ("_count", total)]
         metric(name, "histogram", help_text, samples)
 
-    metric("num_requests_running", "gauge", "requests in a slot (prefilling or decoding)", [("", engine.running)])
-    metric("num_requests_waiting", "gauge", "requests waiting for a slot", [("", engine.waiting)])
-    metric("slots", "gauge", "decode slots", [("", engine.slots)])
-    metric("slot_usage", "gauge", "share of the slots in use", [("", engine.running / engine.slots)])
+    used, total = engine.kv_pages_used, engine.kv_pages_total
+    metric("num_requests_running", "gauge", "requests scheduled (prefilling or decoding)", [("", engine.running)])
+    metric("num_requests_waiting", "gauge", "requests waiting to be scheduled", [("", engine.waiting)])
+    metric("max_num_seqs", "gauge", "requests decoded together at most (--max-num-seqs)",
+           [("", engine.max_num_seqs)])
+    metric("kv_pages_used", "gauge", "KV cache pages holding a request's tokens", [("", used)])
+    metric("kv_pages_total", "gauge", "KV cache pages in all", [("", total)])
+    metric("kv_cache_usage_perc", "gauge", "share of the KV cache pages in use, 0 to 1 (1 means 100 percent)",
+           [("", used / total if total else 0.0)])
+    metric("num_preemptions_total", "counter", "requests preempted (their pages given up, recomputed later) for "
+           "want of KV pages", [("", s.num_preemptions)])
     metric("prompt_tokens_total", "counter", "prompt tokens (prefilled, or found in the prefix cache)",
            [("", s.prompt_tokens)])
     metric("generation_tokens_total", "counter", "tokens generated", [("", s.generation_tokens)])
@@ -406,9 +493,6 @@ def prometheus_text(engine) -> str:
            [("", s.prefix_cache_queries)])
     metric("prefix_cache_hits_total", "counter", "prompt tokens found in the prefix cache (not prefilled again)",
            [("", s.prefix_cache_hits)])
-    metric("prefix_cache_moves_total", "counter", "rows of cached tokens moved aside for a request admitted into "
-           "their row (a move gives up the least recently used tokens where no row is free)",
-           [("", s.prefix_cache_moves)])
     metric("request_success_total", "counter", "finished requests by finish reason",
            [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(s.requests_finished.items())])
     metric("decode_steps_total", "counter", "decode steps dispatched", [("", engine.steps)])
@@ -422,31 +506,76 @@ def prometheus_text(engine) -> str:
 
 
 # ---- serving ----------------------------------------------------------------------------------------------
-def serve(model, tokenizer, *, name: str, host: str = "127.0.0.1", port: int = 8000, slots: int = 16,
-          max_len: int = DEFAULT_MAX_LEN, prefill_chunk: int = 512, max_waiting: int = 256,
-          prefix_caching: bool = True, batch_wait_ms: float | None = None) -> None:
-    """Serves ``model`` as ``name`` on http://HOST:PORT/v1 until the process is stopped: compiles the engine's
-    steps first (saying on stderr what and how long), then runs uvicorn. The settings are ``engine.Engine``'s
-    (checked by ``engine.check_settings``); ``batch_wait_ms`` None is the engine's default."""
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A TCP socket bound to HOST:PORT and listening (port 0: a free one), for uvicorn to take over once the app
+    is ready; connections that come before wait in its backlog. InputError naming HOST:PORT when the port is in
+    use, or the address is not this machine's or not the user's to take."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: no wait for a last run's TIME_WAIT
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        why = ("the port is in use (is another server running there?)" if e.errno == errno.EADDRINUSE else
+               e.strerror or str(e))
+        raise InputError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def serve(model, tokenizer, *, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log_requests: bool = True, sock: socket.socket | None = None, progress=None, **engine_settings) -> None:
+    """Serves ``model`` as ``name`` on http://HOST:PORT/v1 until the process is stopped. ``sock``: a socket
+    ``bind_socket`` made (else it is made here, and closed at the end); ``progress(message)`` hears what happens
+    at start-up (default: stderr): the engine's steps as they compile and warm up, the engine's summary, and
+    "serving NAME on URL" once uvicorn answers. ``engine_settings``: ``engine.Engine``'s keywords
+    (``max_num_seqs``, ``max_model_len``, ``max_num_batched_tokens``, ``block_size``, ``kv_cache_memory``, ...,
+    checked by ``engine.check_settings``). ``api_key`` and ``log_requests``: ``create_app``'s."""
     import uvicorn
 
     from .engine import Engine
 
-    cfg = model.config
-    eos = [*(model.generation_config.eos_token_id if model.generation_config else ()), *cfg.eos_token_id]
-    if tokenizer.eos_token_id is not None:
-        eos.append(tokenizer.eos_token_id)
-    start = time.perf_counter()
-    wait = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
-    engine = Engine(model, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk, max_waiting=max_waiting,
-                    eos_token_ids=tuple(dict.fromkeys(eos)), prefix_caching=prefix_caching, **wait)
-    engine.start()
-    pieces = f", pieces of {', '.join(map(str, engine.piece_sizes))}" if engine.piece_sizes else ""
-    print(f"compiled decode steps over {', '.join(map(str, engine.rows))} rows and prefills of "
-          f"{', '.join(map(str, engine.buckets))} tokens packed{pieces} in {time.perf_counter() - start:.1f} s; "
-          f"{slots} slots of {max_len} positions, prefix caching "
-          f"{'on' if engine.prefix_caching else 'off'}", file=sys.stderr)
-    app = create_app(engine, tokenizer, name, model.generation_config)
-    print(f"serving {name!r} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
-    engine.stop()
+    say = progress or _say
+    own = sock is None
+    if own:
+        sock = bind_socket(host, port)
+    try:
+        cfg = model.config
+        eos = [*(model.generation_config.eos_token_id if model.generation_config else ()), *cfg.eos_token_id]
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        start = time.perf_counter()
+        engine = Engine(model, eos_token_ids=tuple(dict.fromkeys(eos)), **engine_settings)
+        engine.start(progress=say)
+        try:
+            say(f"engine ready in {time.perf_counter() - start:.1f} s: {engine.summary()}")
+            app = create_app(engine, tokenizer, name, model.generation_config, api_key=api_key,
+                             log_requests=log_requests)
+            url = url_of(host, sock.getsockname()[1])
+
+            class Server(uvicorn.Server):
+                async def startup(self, sockets=None):
+                    await super().startup(sockets=sockets)
+                    if self.started:  # uvicorn answers on the socket from here on
+                        say(f"serving {name!r} on {url}" + (" (API key required)" if api_key is not None else ""))
+
+            Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        finally:
+            engine.stop()
+    finally:
+        if own:
+            sock.close()

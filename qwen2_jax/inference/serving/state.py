@@ -1,16 +1,15 @@
-"""The serving engine's state on the device: one KV cache of ``slots`` rows x ``max_len`` positions and each
-slot's latest token, progress and sampling settings (``EngineState``), donated to every step (``steps``); how
-it is made, how it lies on a mesh (``state_shardings``) and in which layouts the steps take it
-(``state_formats``).
+"""The serving engine's state on the device: the paged KV cache (one pool of pages per layer, a page table and a
+length per slot: ``PageCache``) and each slot's latest token, progress and sampling settings (``EngineState``),
+donated to every step (``steps``); how it is made, how it lies on a mesh (``state_shardings``) and in which
+layouts the steps take it (``state_formats``).
 
-The model's forward writes a cache at one scalar index for the whole batch (``KVCache.index``); ``SlotCache``
-writes each row at its own length instead (the decode step puts the forward's causal horizon at the last slot,
-so that only ``valid`` masks, and its one-column write a no-op).
+A slot is a row of the decode step (``max_num_seqs`` of them); its KV lives in the pages its table names, taken
+from the pool as its tokens arrive (the host's ``KVCacheManager`` chooses them). The pool's size is the engine's
+``num_pages``, whatever the slots and ``max_model_len``.
 
-The widest decode step is compiled first with the KV cache's layout left to the compiler, and every other step,
-and the function that makes the state, take and return the cache in the layout it chose: XLA:TPU keeps V with
-its head dimension minor, and a step handed the row-major default would lay the whole cache out again on every
-call (docs/serving.md).
+The widest decode step is compiled first with the pages' layout left to the compiler, and every other step, and
+the function that makes the state, take and return the pages in the layout it chose: a step handed another layout
+would lay the whole pool out again on every call (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 
-from qwen2_jax.model.cache import KVCache
+from qwen2_jax.model.paged_attention import create_pages
 from .request import MAX_EOS
 
 # How many times each jitted function has been traced, and how many XLA compilations this process has run
@@ -38,33 +37,21 @@ jax.monitoring.register_event_duration_secs_listener(
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SlotCache:
-    """``KVCache``'s arrays with a write position per row (``lengths``) for the decode step; ``index`` is what
-    the model reads as the causal horizon (the last slot, so every valid slot is seen). A decode step over the
-    first b rows of the slots has ``valid`` and ``lengths`` of b rows, and reads and writes those rows of
-    ``k`` and ``v``."""
+class PageCache:
+    """The KV pages of every layer and, per slot, its page table and how many positions it holds."""
 
-    k: tuple[jax.Array, ...]  # per layer [slots, Hkv, S, D]
-    v: tuple[jax.Array, ...]  # per layer [slots, Hkv, D, S]
-    valid: jax.Array  # [B, S] bool
-    index: jax.Array  # [] int32
-    lengths: jax.Array  # [B] int32: tokens in each row, the slot its next token goes to
+    k: tuple[jax.Array, ...]  # per layer [num_pages, page_size, Hkv * D] (paged_attention.PagedKV)
+    v: tuple[jax.Array, ...]  # per layer [num_pages, page_size, Hkv * D]
+    page_table: jax.Array  # [slots, max_pages] int32
+    lengths: jax.Array  # [slots] int32: positions each slot holds, the position its next token goes to
 
     @property
-    def max_len(self) -> int:
-        return self.valid.shape[1]
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
 
-    def update(self, layer: int, k, v) -> "SlotCache":
-        """Writes one token per row, ``k [B, Hkv, 1, D]`` and ``v [B, Hkv, D, 1]``, at slot ``lengths[row]``."""
-        rows = jnp.arange(k.shape[0])
-        new_k = self.k[layer].at[rows, :, self.lengths, :].set(k[:, :, 0, :].astype(self.k[layer].dtype))
-        new_v = self.v[layer].at[rows, :, :, self.lengths].set(v[:, :, :, 0].astype(self.v[layer].dtype))
-        put = lambda arrays, new: arrays[:layer] + (new,) + arrays[layer + 1:]
-        return dataclasses.replace(self, k=put(self.k, new_k), v=put(self.v, new_v))
-
-    def layer(self, layer: int):
-        b = self.lengths.shape[0]
-        return self.k[layer][:b], self.v[layer][:b]
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +71,7 @@ class SlotControls:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class EngineState:
-    cache: SlotCache
+    cache: PageCache
     tokens: jax.Array  # [B] int32: each slot's latest token (the next decode step's input)
     active: jax.Array  # [B] bool: the slot is decoding
     step: jax.Array  # [B] int32: tokens the slot's request has generated
@@ -92,38 +79,44 @@ class EngineState:
     controls: SlotControls
 
 
-def _new_state(cfg, slots: int, max_len: int, dtype) -> EngineState:
+def _new_state(cfg, slots: int, num_pages: int, page_size: int, max_pages: int, dtype) -> EngineState:
     TRACES["new_state"] += 1
-    cache = KVCache.create(cfg, slots, max_len, dtype=dtype)
     zeros = lambda dt: jnp.zeros((slots,), dt)
     controls = SlotControls(
         temperature=zeros(jnp.float32), top_k=zeros(jnp.int32), top_p=jnp.ones((slots,), jnp.float32),
         repetition_penalty=jnp.ones((slots,), jnp.float32), keys=jax.vmap(jax.random.key)(zeros(jnp.uint32)),
         max_tokens=jnp.ones((slots,), jnp.int32), eos=jnp.full((slots, MAX_EOS), -1, jnp.int32))
-    return EngineState(cache=SlotCache(k=cache.k, v=cache.v, valid=cache.valid, index=cache.index,
-                                       lengths=zeros(jnp.int32)),
-                       tokens=zeros(jnp.int32), active=zeros(bool), step=zeros(jnp.int32),
+    k, v = create_pages(cfg, num_pages, page_size, dtype)
+    cache = PageCache(k=k, v=v, page_table=jnp.zeros((slots, max_pages), jnp.int32), lengths=zeros(jnp.int32))
+    return EngineState(cache=cache, tokens=zeros(jnp.int32), active=zeros(bool), step=zeros(jnp.int32),
                        seen=jnp.zeros((slots, cfg.vocab_size), bool), controls=controls)
 
 
-def state_shardings(cfg, mesh, slots: int) -> EngineState:
-    """How the engine's state lies on ``mesh``: slots over the data axis, the cache as ``generate``'s."""
+def state_shardings(cfg, mesh) -> EngineState:
+    """How the engine's state lies on ``mesh``: slots over the data axis; the pages' KV heads over the tensor axis
+    where they divide (each device keeps its heads' keys and values together), the pool itself whole on every
+    data shard (any slot may read any page)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from qwen2_jax.sharding import batch_sharding, cache_shardings
+    from qwen2_jax.sharding import batch_sharding
+    from qwen2_jax.sharding.rules import logical_spec
 
-    cs = cache_shardings(cfg, mesh, slots)
+    spec = logical_spec(cfg, mesh, (None, None, "kv_heads"), (1, 1, cfg.num_key_value_heads))
+    pages = NamedSharding(mesh, spec)
     rows = batch_sharding(mesh)
     rows2 = NamedSharding(mesh, P("data", None))
     return EngineState(
-        cache=SlotCache(k=cs.k, v=cs.v, valid=cs.valid, index=cs.index, lengths=rows), tokens=rows, active=rows,
-        step=rows, seen=rows2, controls=SlotControls(temperature=rows, top_k=rows, top_p=rows,
-                                                     repetition_penalty=rows, keys=rows, max_tokens=rows, eos=rows2))
+        cache=PageCache(k=(pages,) * cfg.num_hidden_layers, v=(pages,) * cfg.num_hidden_layers, page_table=rows2,
+                        lengths=rows), tokens=rows,
+        active=rows, step=rows, seen=rows2,
+        controls=SlotControls(temperature=rows, top_k=rows, top_p=rows, repetition_penalty=rows, keys=rows,
+                              max_tokens=rows, eos=rows2))
 
 
-def abstract_state(cfg, slots: int, max_len: int, dtype, shardings: EngineState | None = None) -> EngineState:
+def abstract_state(cfg, slots: int, num_pages: int, page_size: int, max_pages: int, dtype,
+                   shardings: EngineState | None = None) -> EngineState:
     """The state's shapes and dtypes (placed by ``shardings``, from ``state_shardings``), allocating nothing."""
-    state = jax.eval_shape(functools.partial(_new_state, cfg, slots, max_len, dtype))
+    state = jax.eval_shape(functools.partial(_new_state, cfg, slots, num_pages, page_size, max_pages, dtype))
     if shardings is None:
         return state
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -131,10 +124,9 @@ def abstract_state(cfg, slots: int, max_len: int, dtype, shardings: EngineState 
 
 def state_formats(state: EngineState, chosen: EngineState | None = None) -> EngineState:
     """How the steps take and return the state: each array placed as ``state``'s (abstract, with shardings), the
-    KV cache in the layouts of ``chosen`` (a compiled step's ``input_formats``), or left to the compiler
-    (``Layout.AUTO``). XLA:TPU reads the cache in a layout of its own (V with D minor); given the default
-    row-major one, every step would lay the whole cache out again: 7.5 GB a chip at 16 rows of 64 of the full
-    model on a v5p-8 (docs/serving.md)."""
+    KV pages in the layouts of ``chosen`` (a compiled step's ``input_formats``), or left to the compiler
+    (``Layout.AUTO``): given another layout than the one the compiler chose, every step would lay the whole pool
+    out again (with the row cache: 7.5 GB a chip at 16 rows of 64 of the full model on a v5p-8, docs/serving.md)."""
     formats = jax.tree.map(lambda x: x.sharding, state)
     layout = lambda name, i: Layout.AUTO if chosen is None else getattr(chosen.cache, name)[i].layout
     k, v = (tuple(Format(layout(name, i), x.sharding) for i, x in enumerate(getattr(state.cache, name)))

@@ -2,19 +2,18 @@
 the state donated:
 
 - ``_prefill_packed``: whole prompts packed into one row of a power of two >= 16 tokens (each attends only to
-  itself: the model's ``segment_ids``) writes each one's keys and values into its slot's row of the shared cache,
-  chooses its first token and turns the slot on; one forward for many prompts, as transformers' continuous
-  batching does;
-- ``_prefill``: a piece of a prompt longer than a packed call (or the rest of one after a cached prefix), the last
-  piece left-padded, into its row, attending to the row's earlier tokens;
-- ``_reuse``: a row's prefix copied into another row (prefix caching);
+  itself: the model's ``segment_ids``) writes each one's keys and values into its slot's pages, chooses its first
+  token and turns the slot on; one forward for many prompts, as transformers' continuous batching does;
+- ``_prefill``: a piece of a prompt (a long prompt's chunk, or the rest of one after a cached prefix) into its
+  slot's pages, attending to the pages written before it;
 - ``_decode``: every slot's last token fed at its own position; each slot's next token chosen with its own
   sampling settings (temperature, top_k, top_p, repetition penalty, seed, ``sample``) and the slot ended at one
-  of its end tokens, at ``max_tokens`` or at the end of its row. It runs over the first ``rows`` rows.
+  of its end tokens, at ``max_tokens`` or at ``max_model_len``. It runs over the first ``rows`` rows.
 
-A row keeps its tokens at positions ``0 .. length - 1``: a left-padded piece is shifted onto the end of the
-row's tokens after its forward (the padding's slots are then invalid and the next piece or token overwrites
-them), so RoPE positions are slot numbers and a request uses exactly ``len(prompt) + max_tokens - 1`` slots.
+A slot's position ``p`` lies in page ``page_table[slot, p // page_size]``; the host hands each step the page-table
+rows it writes (a prefill) or the one new page a row may need (a decode). A request resumed after a preemption is
+prefilled with its prompt and the tokens it had generated, and goes on from its ``step``: its next tokens are
+those it would have had (a sampled one's key is folded with the step, as ever).
 """
 
 from __future__ import annotations
@@ -28,9 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen2_jax.model.cache import KVCache
+from qwen2_jax.model.paged_attention import PagedKV
 from qwen2_jax.inference.sampling import apply_repetition_penalty, apply_temperature, nucleus_threshold
 from .request import IDLE, LENGTH, RUNNING, STOPPED
-from .state import TRACES, EngineState, SlotCache, SlotControls
+from .state import TRACES, EngineState, PageCache, SlotControls
 
 
 # ---- choosing tokens, a setting per row ---------------------------------------------------------------------
@@ -81,135 +81,125 @@ def _status(token, step, length, max_len, c: SlotControls):
 
 
 # ---- the jitted steps ---------------------------------------------------------------------------------------
-def _prefill(params, expert_views, state: EngineState, slot, input_ids, attention_mask, positions, write, final,
-             request: SlotControls, seed, *, graphdef, platform: str):
-    """One piece ``[1, T]`` (left-padded) of a prompt longer than a piece into row ``slot`` at ``write``, with
-    attention over the row's earlier pieces; the first piece (``write`` 0) clears the row. The last piece
-    (``final``) also chooses the first token and turns the slot on. -> (state, [token, status])."""
+def _token_pages(page_rows, seq, positions, page_size: int, num_pages: int):
+    """(page, offset) of each token (its sequence's row of ``page_rows [S, max_pages]``, or ``seq`` S: none, the
+    write dropped)."""
+    rows = jnp.concatenate([page_rows, jnp.full((1, page_rows.shape[1]), num_pages, jnp.int32)])
+    index = jnp.clip(positions // page_size, 0, page_rows.shape[1] - 1)
+    return rows[seq, index], positions % page_size
+
+
+def _prefill(params, expert_views, state: EngineState, slot, input_ids, real, positions, page_row, final, step0,
+             seen_row, request: SlotControls, seed, *, graphdef, platform: str, max_len: int, attention: str = "xla"):
+    """One piece ``[1, T]`` of a prompt, its first ``real`` tokens at ``positions`` (right-padded), into slot
+    ``slot``'s pages (``page_row [max_pages]``, which becomes its table), attending to the positions before it.
+    ``seen_row [V]``: the prompt's tokens up to the piece's end (for the repetition penalty). The last piece
+    (``final``) also chooses the request's token number ``step0 + 1`` and turns the slot on.
+    -> (state, [token, status])."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, params)
-    t = input_ids.shape[1]
     c = state.cache
-    first = write == 0
-    row_valid = jnp.where(first, False, jax.lax.dynamic_slice_in_dim(c.valid, slot, 1, axis=0))
-    row = KVCache(k=tuple(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0) for a in c.k),
-                  v=tuple(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0) for a in c.v), valid=row_valid, index=write)
-    out = model.forward(input_ids, attention_mask, positions=positions, cache=row, last_only=True,
+    t = input_ids.shape[1]
+    is_real = jnp.arange(t) < real
+    page, offset = _token_pages(page_row[None], jnp.where(is_real, 0, 1), positions[0], c.page_size, c.num_pages)
+    length = positions[0, 0] + real
+    paged = PagedKV(k=c.k, v=c.v, page_table=page_row[None], write_page=page[None], write_offset=offset[None],
+                    q_positions=jnp.where(is_real, positions[0], -1)[None], kv_len=length[None], kernel=attention)
+    out = model.forward(input_ids, is_real[None], positions=positions, cache=paged, logits_at=(real - 1)[None, None],
                         platform=platform, expert_views=expert_views)
-    # Shift the piece's keys and values left over its padding, onto the end of the row's tokens, and write
-    # only the piece's slots back into the shared cache.
-    real = jnp.sum(attention_mask, dtype=jnp.int32)
-    pad = t - real
-    shift = lambda a, axis: jnp.roll(jax.lax.dynamic_slice_in_dim(a, write, t, axis=axis), -pad, axis=axis)
-    k = tuple(jax.lax.dynamic_update_slice(big, shift(a, 2), (slot, 0, write, 0)) for big, a in zip(c.k, out.cache.k))
-    v = tuple(jax.lax.dynamic_update_slice(big, shift(a, 3), (slot, 0, 0, write)) for big, a in zip(c.v, out.cache.v))
-    row_valid = jax.lax.dynamic_update_slice(row_valid, (jnp.arange(t) < real)[None], (0, write))
-    length = write + real
-
-    seen_row = jnp.where(first, False, state.seen[slot])
-    seen_row = seen_row.at[jnp.where(attention_mask[0], input_ids[0], seen_row.shape[0])].set(True, mode="drop")
     request = dataclasses.replace(request, keys=jax.random.key(seed)[None])
-    token = sample(out.logits[:, 0], seen_row[None], request, jnp.zeros((1,), jnp.int32))[0]
-    status = _status(token, 1, length, c.max_len, jax.tree.map(lambda a: a[0], request))
+    token = sample(out.logits[:, 0], seen_row[None], request, step0[None])[0]
+    status = _status(token, step0 + 1, length, max_len, jax.tree.map(lambda a: a[0], request))
     seen_row = jnp.where(final, seen_row.at[token].set(True), seen_row)
 
     at = lambda a, value, on=True: a.at[slot].set(jnp.where(on, value, a[slot]))
     controls = jax.tree.map(lambda a, r: a.at[slot].set(r[0]), state.controls, request)
     state = EngineState(
-        cache=SlotCache(k=k, v=v, valid=jax.lax.dynamic_update_slice(c.valid, row_valid, (slot, 0)), index=c.index,
+        cache=PageCache(k=out.cache.k, v=out.cache.v, page_table=c.page_table.at[slot].set(page_row),
                         lengths=c.lengths.at[slot].set(length)),
         tokens=at(state.tokens, token, final), active=state.active.at[slot].set(final & (status == RUNNING)),
-        step=state.step.at[slot].set(jnp.where(final, 1, 0)), seen=state.seen.at[slot].set(seen_row),
+        step=state.step.at[slot].set(jnp.where(final, step0 + 1, 0)), seen=state.seen.at[slot].set(seen_row),
         controls=controls)
     return state, jnp.stack([jnp.where(final, token, -1), jnp.where(final, status, IDLE)])
 
 
 def _prefill_packed(params, expert_views, state: EngineState, input_ids, positions, segment_ids, ends, slots,
-                    request: SlotControls, seeds, *, graphdef, platform: str):
+                    page_rows, steps0, request: SlotControls, seeds, *, graphdef, platform: str, max_len: int,
+                    attention: str = "xla"):
     """Whole prompts packed into one piece ``[1, T]`` (``segment_ids`` 0, 1 .. per prompt, -1 for the padding
     at the end; ``positions`` count from 0 in each prompt): one forward for all of them, over a cache of the
     piece's own T slots, each prompt attending only to itself. Each prompt's keys and values go to its slot's
-    row (``slots`` [P], the number of slots for an unused segment: dropped), its first token is chosen from
-    the logits at its last token (``ends`` [P]) and the slot is turned on. -> (state, [P, 2] of (token, status))."""
+    pages (``page_rows [P, max_pages]``, its table from now; ``slots`` [P], the number of slots for an unused
+    segment: dropped), its token number ``steps0 + 1`` is chosen from the logits at its last token (``ends`` [P])
+    and the slot is turned on (``attention``: unused, the piece attends to itself). -> (state, [P, 2] of (token,
+    status))."""
     TRACES["prefill_packed"] += 1
     model = nnx.merge(graphdef, params)
     c = state.cache
-    n_slots, p = c.lengths.shape[0], slots.shape[0]
+    p = slots.shape[0]
     real = segment_ids[0] >= 0
     seg = jnp.where(real, segment_ids[0], p)  # padding: past the last segment
     piece = KVCache.create(model.config, 1, input_ids.shape[1], dtype=c.k[0].dtype)
     out = model.forward(input_ids, real[None], positions=positions, cache=piece, segment_ids=segment_ids,
                         logits_at=ends[None], platform=platform, expert_views=expert_views)
-    slot_of = jnp.append(slots, n_slots)[seg]  # each token's slot; the padding's is out of range (dropped)
-    at = positions[0]
-    k = tuple(big.at[slot_of, :, at, :].set(a[0].transpose(1, 0, 2), mode="drop") for big, a in zip(c.k, out.cache.k))
-    v = tuple(big.at[slot_of, :, :, at].set(a[0].transpose(2, 0, 1), mode="drop") for big, a in zip(c.v, out.cache.v))
-    valid = c.valid.at[slots].set(False, mode="drop").at[slot_of, at].set(True, mode="drop")
-    length = at[ends] + 1
+    page, offset = _token_pages(page_rows, seg, positions[0], c.page_size, c.num_pages)
+    t = input_ids.shape[1]
+    write = lambda pages, rows: pages.at[page, offset].set(rows.reshape(t, -1).astype(pages.dtype), mode="drop")
+    k = tuple(write(pages, a[0].transpose(1, 0, 2)) for pages, a in zip(c.k, out.cache.k))  # [T, Hkv * D] rows
+    v = tuple(write(pages, a[0].transpose(2, 0, 1)) for pages, a in zip(c.v, out.cache.v))
+    length = positions[0][ends] + 1
 
     seen = jnp.zeros((p, state.seen.shape[1]), bool).at[seg, input_ids[0]].set(True, mode="drop")
     request = dataclasses.replace(request, keys=jax.vmap(jax.random.key)(seeds))
-    token = sample(out.logits[0], seen, request, jnp.zeros((p,), jnp.int32))
-    status = _status(token, 1, length, c.max_len, request)
+    token = sample(out.logits[0], seen, request, steps0)
+    status = _status(token, steps0 + 1, length, max_len, request)
     seen = seen.at[jnp.arange(p), token].set(True)
 
     put = lambda a, value: a.at[slots].set(value, mode="drop")
     state = EngineState(
-        cache=SlotCache(k=k, v=v, valid=valid, index=c.index, lengths=put(c.lengths, length)),
+        cache=PageCache(k=k, v=v, page_table=put(c.page_table, page_rows), lengths=put(c.lengths, length)),
         tokens=put(state.tokens, token), active=put(state.active, status == RUNNING),
-        step=put(state.step, jnp.ones((p,), jnp.int32)), seen=put(state.seen, seen),
-        controls=jax.tree.map(put, state.controls, request))
+        step=put(state.step, steps0 + 1), seen=put(state.seen, seen), controls=jax.tree.map(put, state.controls, request))
     return state, jnp.stack([token, status], axis=1)
 
 
-def _reuse(params, expert_views, state: EngineState, source, slot, prefix_ids, *, graphdef, platform: str):
-    """Row ``source``'s keys and values copied into row ``slot`` (the same row is allowed), which then holds the
-    prefix ``prefix_ids`` ([max_len], padded with ids past the vocabulary) and nothing after it: the prompt's
-    other tokens follow as pieces (``_prefill``). The model's arguments are taken for ``jit_step``'s sake."""
-    TRACES["reuse"] += 1
-    c = state.cache
-    copy = lambda big: jax.lax.dynamic_update_index_in_dim(big, jax.lax.dynamic_index_in_dim(big, source, 0), slot, 0)
-    real = prefix_ids < state.seen.shape[1]
-    length = jnp.sum(real, dtype=jnp.int32)
-    seen = jnp.zeros(state.seen.shape[1], bool).at[prefix_ids].set(True, mode="drop")
-    cache = SlotCache(k=tuple(map(copy, c.k)), v=tuple(map(copy, c.v)),
-                      valid=c.valid.at[slot].set(jnp.arange(c.max_len) < length), index=c.index,
-                      lengths=c.lengths.at[slot].set(length))
-    return dataclasses.replace(state, cache=cache, active=state.active.at[slot].set(False),
-                               seen=state.seen.at[slot].set(seen)), length
-
-
-def _decode(params, expert_views, state: EngineState, keep, *, graphdef, platform: str, rows: int):
-    """One token for every active slot (``state.active & keep``) among the first ``rows``; the host keeps the
-    busy slots low so that a step computes few idle rows (on XLA:CPU each row costs its own expert products,
-    whatever it routes to). -> (state, [slots, 2] of (token, status))."""
+def _decode(params, expert_views, state: EngineState, keep, new_pages, *, graphdef, platform: str, rows: int,
+            max_len: int, ctx_pages: int | None = None, attention: str = "xla"):
+    """One token for every active slot (``state.active & keep``) among the first ``rows``, after the pages the
+    host took for them are put in their tables (``new_pages [slots, 2]``: (index, page), index ``max_pages`` for
+    none); the host keeps the busy slots low so that a step computes few idle rows (on XLA:CPU each row costs its
+    own expert products, whatever it routes to). An idle row writes nothing and reads nothing: its pages may be
+    another request's by now. ``ctx_pages``: the rows' tables are read only that far (every row's next position
+    lies within them), the attention then taking those pages in one pass (on GPU, where a data-dependent loop syncs
+    with the host on every trip, and on TPU, the runner compiles a step per bucket of context).
+    -> (state, [slots, 2] of (token, status))."""
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, params)
     c = state.cache
-    s, b = c.max_len, rows
+    b = rows
     first = lambda a: a[:b]
+    table = c.page_table.at[jnp.arange(c.page_table.shape[0]), new_pages[:, 0]].set(new_pages[:, 1], mode="drop")
     active = first(state.active) & first(keep)
-    r = jnp.arange(b)
     lengths = first(c.lengths)
-    at = jnp.minimum(lengths, s - 1)
-    valid = first(c.valid).at[r, at].set(first(c.valid)[r, at] | active)
+    page, offset = _token_pages(first(table), jnp.where(active, jnp.arange(b), b), lengths, c.page_size, c.num_pages)
+    read = first(table) if ctx_pages is None else first(table)[:, :ctx_pages]
+    paged = PagedKV(k=c.k, v=c.v, page_table=read, write_page=page[:, None], write_offset=offset[:, None],
+                    q_positions=jnp.where(active, lengths, -1)[:, None], kv_len=jnp.where(active, lengths + 1, 0),
+                    kernel=attention, whole_table=ctx_pages is not None)
     # Idle rows see no key and read token 0, so they all route to the same experts.
-    seeing = valid & active[:, None]
-    cache = SlotCache(k=c.k, v=c.v, valid=seeing, index=jnp.asarray(s - 1, jnp.int32), lengths=at)
-    # The forward writes its attention mask at the causal horizon's column: give it that column's own values.
-    out = model.forward(jnp.where(active, first(state.tokens), 0)[:, None], seeing[:, s - 1:], positions=at[:, None],
-                        cache=cache, platform=platform, expert_views=expert_views)
+    out = model.forward(jnp.where(active, first(state.tokens), 0)[:, None], active[:, None], positions=lengths[:, None],
+                        cache=paged, platform=platform, expert_views=expert_views)
     controls = jax.tree.map(first, state.controls)
     seen = first(state.seen)
     token = sample(out.logits[:, 0], seen, controls, first(state.step))
     step = first(state.step) + active
     lengths = lengths + active
-    status = jnp.where(active, _status(token, step, lengths, s, controls), IDLE)
+    r = jnp.arange(b)
+    status = jnp.where(active, _status(token, step, lengths, max_len, controls), IDLE)
     token = jnp.where(active, token, first(state.tokens))
     put = lambda full, part: full.at[:b].set(part)
     state = EngineState(
-        cache=SlotCache(k=out.cache.k, v=out.cache.v, valid=put(c.valid, valid), index=c.index,
-                        lengths=put(c.lengths, lengths)),
+        cache=PageCache(k=out.cache.k, v=out.cache.v, page_table=table, lengths=put(c.lengths, lengths)),
         tokens=put(state.tokens, token), active=put(state.active, active & (status == RUNNING)),
         step=put(state.step, step), seen=put(state.seen, seen.at[r, token].set(seen[r, token] | active)),
         controls=state.controls)
