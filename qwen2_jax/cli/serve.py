@@ -156,25 +156,9 @@ def check_settings(context_length: int, settings: dict) -> None:
         raise InputError(f"--block-size must be a power of two, got {block}")
     if block > max_model_len:
         raise InputError(f"--block-size {block} is larger than --max-model-len {max_model_len}")
-    _engine_check(context_length, settings)
-
-
-def _engine_check(context_length: int, settings: dict) -> None:
     from qwen2_jax.inference.serving import engine
 
-    try:
-        engine.check_settings(context_length, flags=True, **settings)
-    except KeyError:  # until the paged engine lands: its check_settings takes the names before vLLM's
-        old = dict(slots=settings["max_num_seqs"], max_len=settings["max_model_len"],
-                   prefill_chunk=settings["max_num_batched_tokens"], max_waiting=settings["max_waiting"],
-                   batch_wait_ms=settings["batch_wait_ms"])
-        try:
-            engine.check_settings(context_length, flags=True, **old)
-        except InputError as e:
-            message = str(e)
-            for before, now in RENAMED.items():
-                message = message.replace(before, now)
-            raise InputError(message) from None
+    engine.check_settings(context_length, flags=True, **settings)
 
 
 def _say(message: str) -> None:

@@ -508,11 +508,9 @@ def _analyse(mem, text: str, req: Request, cfg, kind, place: _Placement, params,
     """The compiled step's memory (``mem``, its ``memory_analysis()``) and what its optimized HLO (``text``) moves
     and computes, against the ``roofline`` bytes it must move."""
     import jax
-    import jax.numpy as jnp
 
     from qwen2_jax.model.attention import BLOCK
     from qwen2_jax.model.paged_attention import BLOCK_TOKENS
-    from qwen2_jax.model.params import iter_params, param_dtype
 
     from . import hlo_cost
 
@@ -527,8 +525,7 @@ def _analyse(mem, text: str, req: Request, cfg, kind, place: _Placement, params,
     weight_params = set(range(len(jax.tree.leaves(params))))
     report = hlo_cost.analyze(text, weight_params, step_loop=not (req.prompt_len or kind),
                               loop_bound=bound)
-    weights = sum(math.prod(place.params[p.path].shard_shape(shape)) * jnp.dtype(param_dtype(p, dtype, cfg)).itemsize
-                  for p, shape in iter_params(cfg))
+    weights = _weight_bytes(cfg, place, dtype)
     used = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     # An estimate, not a measurement: the slower of moving the bytes at the HBM bandwidth and doing the matrix
     # products at the peak rate (a real step is slower than both).

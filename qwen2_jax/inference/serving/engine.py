@@ -173,7 +173,6 @@ class Engine:
         self.runner = ModelRunner(model, slots=max_num_seqs, max_len=max_model_len, chunk=self.chunk,
                                   num_pages=self.num_pages, page_size=block_size, eos_token_ids=self.eos_token_ids,
                                   attention=attention_backend)
-        self.buckets, self.piece_sizes, self.rows = self.runner.buckets, self.runner.piece_sizes, self.runner.rows
         self.stats = Stats()
         self.kv = KVCacheManager(self.num_pages, block_size, enabled=self.prefix_caching, stats=self.stats)
         self.scheduler = Scheduler(self.kv, slots=max_num_seqs, budget=max_num_batched_tokens, chunk=self.chunk,

@@ -83,7 +83,7 @@ class ModelRunner:
         return self._new_state(self.config, self.slots, self.num_pages, self.page_size, self.max_pages,
                                self.model.dtype)
 
-    def programs(self) -> list[tuple[str, int]]:
+    def programs(self) -> list[tuple[str, int | tuple[int, int | None]]]:
         """The programs ``compile`` makes: ("decode", (rows, context pages)), ("packed", tokens), ("piece", tokens)."""
         return ([("decode", (b, c)) for b in sorted(self.rows, reverse=True) for c in self.contexts[::-1]]
                 + [("packed", t) for t in self.buckets] + [("piece", t) for t in self.piece_sizes])
@@ -251,9 +251,9 @@ BUCKETED = ("gpu", "tpu")
 
 
 def context_buckets(max_pages: int, page_size: int) -> list[int]:
-    """Pages a GPU decode step reads per row: a block of attention (``BLOCK_TOKENS``) times 1, 4, 16 .. and one page
+    """Pages a GPU or TPU decode step reads per row: a block of attention (``BLOCK_TOKENS``) times 1, 4, 16 .. and one page
     (the next token of a sequence of such a length), then the whole table; a step compiled for each (with a loop of
-    a static trip count, what XLA:GPU runs without the host). Buckets 4x apart: a decode step reads at most 4x the
+    a static trip count, which XLA:GPU runs without the host). Buckets 4x apart: a decode step reads at most 4x the
     pages its rows hold, and a server compiles 5 contexts a row count at 65,536 positions in pages of 16."""
     first = max(1, BLOCK_TOKENS // page_size)
     sizes = [(first << 2 * i) + 1 for i in range(16) if (first << 2 * i) + 1 < max_pages]
